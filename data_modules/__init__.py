@@ -1,0 +1,1 @@
+"""LightningDataModules for glauber: tokenised text and VQ-tokenised images."""

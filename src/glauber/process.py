@@ -1,0 +1,108 @@
+"""The forward (noising) process: the closed-form draw of ``X_t`` and a slow step-by-step reference.
+
+After its last visit before ``t``, position ``i`` holds its clean token with probability
+``alpha_i(t)`` and otherwise a fresh draw from ``u``, independently across positions, so ``X_t`` is
+drawn from ``X_0`` for a whole batch of different ``t`` at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from glauber.noise import NoiseLaw
+from glauber.schedule import GlauberSchedule
+
+
+def check_token_ids(x: Tensor, vocab_size: int, name: str = "tokens") -> None:
+    """Raise ``ValueError`` unless ``x`` is an integer tensor of ids in ``[0, vocab_size)``."""
+    if x.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise ValueError(f"{name} must hold integer token ids (got dtype {x.dtype})")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} holds token ids in [{int(x.min())}, {int(x.max())}], outside the vocabulary "
+            f"[0, {vocab_size}); check the tokenizer and vocab_size agree"
+        )
+
+
+def _check_batch(x0: Tensor, schedule: GlauberSchedule, law: NoiseLaw) -> None:
+    if x0.ndim != 2 or x0.shape[1] != schedule.seq_len:
+        raise ValueError(f"sequences must have shape [B, L={schedule.seq_len}] (got {tuple(x0.shape)})")
+    check_token_ids(x0, law.vocab_size, "x0")
+
+
+def noise_to(x0: Tensor, t: Tensor, schedule: GlauberSchedule, law: NoiseLaw, generator: torch.Generator | None = None) -> Tensor:
+    """Draw ``X_t`` given ``X_0 = x0`` for each row's own step ``t`` (``0 <= t <= T``), in closed form."""
+    _check_batch(x0, schedule, law)
+    level = schedule.signal_level(t.to(x0.device))
+    keep = torch.rand(level.shape, dtype=torch.float64, device=x0.device, generator=generator) < level
+    noise = law.to(x0.device).sample(tuple(x0.shape), generator)
+    return torch.where(keep, x0, noise)
+
+
+def forward_step(x: Tensor, t: int, schedule: GlauberSchedule, law: NoiseLaw, generator: torch.Generator | None = None) -> Tensor:
+    """One step of the chain, ``X_t -> X_{t+1}``: each ``i`` in ``S_t`` keeps its token with prob.
+    ``Pi_t(phi)``, else takes ``z ~ u``. Reference implementation (used by tests)."""
+    pos = schedule.positions[t].to(x.device)
+    pi_phi = schedule.step_pi_phi[t].to(x.device)
+    keep = torch.rand((x.shape[0], pos.numel()), dtype=torch.float64, device=x.device, generator=generator) < pi_phi
+    z = law.to(x.device).sample((x.shape[0], pos.numel()), generator)
+    out = x.clone()
+    out[:, pos] = torch.where(keep, x[:, pos], z)
+    return out
+
+
+def simulate_forward(
+    x0: Tensor, t: Tensor, schedule: GlauberSchedule, law: NoiseLaw, generator: torch.Generator | None = None
+) -> Tensor:
+    """``X_t`` by running the chain step by step (slow reference; rows stop at their own ``t``)."""
+    _check_batch(x0, schedule, law)
+    schedule.check_steps(t, allow_end=True)
+    x = x0.clone()
+    for s in range(int(t.max()) if t.numel() else 0):
+        active = t > s
+        stepped = forward_step(x, s, schedule, law, generator)
+        x = torch.where(active[:, None], stepped, x)
+    return x
+
+
+@dataclass
+class TrainingExample:
+    """One batch of denoising problems at random steps.
+
+    x_in: ``X_t`` with the positions of ``S_t`` replaced by ``hidden_id`` ``[B, L]``.
+    hidden_mask: ``S_t`` as a boolean mask ``[B, L]``.
+    positions: ``S_t`` as indices ``[B, m]`` (sorted), targets ``X_t^i`` there ``[B, m]``.
+    t: the steps ``[B]``; pi_phi: ``Pi_t(phi)`` at each hidden position ``[B, m]`` (float64).
+    """
+
+    x_in: Tensor
+    hidden_mask: Tensor
+    positions: Tensor
+    targets: Tensor
+    t: Tensor
+    pi_phi: Tensor
+
+
+def make_training_example(
+    x0: Tensor,
+    schedule: GlauberSchedule,
+    law: NoiseLaw,
+    hidden_id: int,
+    generator: torch.Generator | None = None,
+    t: Tensor | None = None,
+) -> TrainingExample:
+    """Draw ``t ~ U{0..T-1}`` per row (unless given), ``X_t`` in closed form, and hide ``S_t``."""
+    _check_batch(x0, schedule, law)
+    if t is None:
+        t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
+    xt = noise_to(x0, t, schedule, law, generator)
+    pos = schedule.step_positions(t)
+    pi = schedule.pi_phi(t)
+    pos, order = pos.sort(dim=1)
+    pi = pi.gather(1, order)
+    mask = torch.zeros_like(x0, dtype=torch.bool).scatter_(1, pos, True)
+    x_in = xt.masked_fill(mask, hidden_id)
+    return TrainingExample(x_in, mask, pos, xt.gather(1, pos), t, pi)

@@ -1,0 +1,217 @@
+"""The time-dependent Glauber noising schedule: who is visited when, and how much signal survives.
+
+Everything here is derived from a handful of numbers (sequence length ``L``, sweeps ``K``,
+positions per step ``m``, the signal curve and clock, the visiting order), so that nothing is
+configured twice: ``T = K * L / m`` steps, the positions ``S_t`` of every step, each position's
+visit times, ``Pi_t(phi)`` of every visit and each position's signal level ``alpha_i(t)``.
+See METHOD.md, "Forward (noising) process".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+AlphaFn = Callable[[Tensor, float], Tensor]
+
+
+def alpha_linear(s: Tensor, alpha_min: float) -> Tensor:
+    """``alpha(s) = 1 - (1 - alpha_min) s``."""
+    return 1.0 - (1.0 - alpha_min) * s
+
+
+def alpha_cosine(s: Tensor, alpha_min: float) -> Tensor:
+    """``alpha(s) = alpha_min + (1 - alpha_min) cos(pi s / 2)``."""
+    return alpha_min + (1.0 - alpha_min) * torch.cos(0.5 * math.pi * s)
+
+
+def alpha_geometric(s: Tensor, alpha_min: float) -> Tensor:
+    """``alpha(s) = alpha_min ** s``: every equal stretch of time keeps the same fraction of signal."""
+    return torch.exp(s * math.log(alpha_min))
+
+
+ALPHA_CURVES: dict[str, AlphaFn] = {
+    "linear": alpha_linear,
+    "cosine": alpha_cosine,
+    "geometric": alpha_geometric,
+}
+CLOCKS = ("visit", "sweep")
+ORDERS = ("round_robin", "strided", "random")
+
+
+@dataclass
+class ScheduleConfig:
+    """Typed schedule options (the sequence length comes from the data).
+
+    alpha: signal curve, one of ``linear``, ``cosine``, ``geometric``.
+    alpha_min: signal left at the end, ``0 < alpha_min < 1``; ``Pi_t(phi) > 0`` needs it positive.
+    clock: ``visit`` (``g(tau) = (tau+1)/T``) or ``sweep`` (``g = (k+1)/K`` for sweep ``k``).
+    sweeps: ``K``, the number of passes over the sequence; ``T = K * L / m``.
+    positions_per_step: ``m``, the size of every ``S_t``; must divide ``L``.
+    order: ``round_robin`` (contiguous blocks, ``S_t = {t mod L}`` for ``m = 1``), ``strided``
+        (``{j + r L/m}``), or ``random`` (a fixed random permutation per sweep).
+    order_seed: seed of the ``random`` order.
+    """
+
+    alpha: str = "linear"
+    alpha_min: float = 1e-3
+    clock: str = "visit"
+    sweeps: int = 4
+    positions_per_step: int = 1
+    order: str = "round_robin"
+    order_seed: int = 0
+
+
+class GlauberSchedule:
+    """All schedule quantities for one sequence length, as small precomputed tensors.
+
+    Time convention: ``X_0`` is data; step ``t`` (``0 <= t < T``) turns ``X_t`` into ``X_{t+1}``
+    by visiting the positions ``S_t = positions[t]``.
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        sweeps: int = 4,
+        positions_per_step: int = 1,
+        alpha: str | AlphaFn = "linear",
+        alpha_min: float = 1e-3,
+        clock: str = "visit",
+        order: str = "round_robin",
+        order_seed: int = 0,
+    ) -> None:
+        _check_int("seq_len", seq_len, 1)
+        _check_int("sweeps", sweeps, 1)
+        _check_int("positions_per_step", positions_per_step, 1)
+        if seq_len % positions_per_step:
+            raise ValueError(
+                f"positions_per_step (m={positions_per_step}) must divide seq_len (L={seq_len}); "
+                f"choose m among the divisors of {seq_len}"
+            )
+        if not (0.0 < alpha_min < 1.0):
+            raise ValueError(
+                f"alpha_min must satisfy 0 < alpha_min < 1 (got {alpha_min}); Pi_t(phi) > 0 at every "
+                "step needs alpha_min > 0: use e.g. 1e-3"
+            )
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS} (got {clock!r})")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS} (got {order!r})")
+        if isinstance(alpha, str):
+            if alpha not in ALPHA_CURVES:
+                raise ValueError(f"alpha must be one of {tuple(ALPHA_CURVES)} or a callable (got {alpha!r})")
+            alpha_fn = ALPHA_CURVES[alpha]
+        else:
+            alpha_fn = alpha
+
+        self.seq_len, self.sweeps, self.m = seq_len, sweeps, positions_per_step
+        self.alpha_name = alpha if isinstance(alpha, str) else getattr(alpha, "__name__", "custom")
+        self.alpha_min, self.clock, self.order, self.order_seed = alpha_min, clock, order, order_seed
+        self.steps_per_sweep = seq_len // positions_per_step
+        self.num_steps = sweeps * self.steps_per_sweep
+
+        self.positions = _visiting_order(seq_len, sweeps, positions_per_step, order, order_seed)
+        n, steps = self.steps_per_sweep, torch.arange(self.num_steps)
+        visit_step = torch.empty(sweeps, seq_len, dtype=torch.long)
+        for k in range(sweeps):
+            block = self.positions[k * n : (k + 1) * n]
+            visit_step[k, block.reshape(-1)] = steps[k * n : (k + 1) * n].repeat_interleave(positions_per_step)
+        self.visit_step = visit_step
+
+        if clock == "visit":
+            g = (visit_step.double() + 1.0) / self.num_steps
+        else:
+            g = (torch.arange(sweeps, dtype=torch.float64)[:, None] + 1.0).expand(sweeps, seq_len) / sweeps
+        levels = alpha_fn(g, alpha_min).to(torch.float64)
+        at_zero = float(alpha_fn(torch.zeros(1, dtype=torch.float64), alpha_min)[0])
+        if abs(at_zero - 1.0) > 1e-9:
+            raise ValueError(f"alpha(0) must be 1 (got {at_zero}); the clean data holds all its signal")
+        before = torch.cat([torch.ones(1, seq_len, dtype=torch.float64), levels[:-1]], dim=0)
+        if not bool((levels < before).all()) or not bool((levels > 0).all()):
+            raise ValueError(
+                "alpha must be strictly decreasing and positive over the visit times "
+                f"(alpha={self.alpha_name!r}, alpha_min={alpha_min}); a flat or rising alpha gives "
+                "Pi_t(phi) >= 1 where no noise is added"
+            )
+        self.alpha_after_visit = levels  # (K, L): alpha(g(tau)) for the visit of i in sweep k
+        self.pi_phi_visit = levels / before  # (K, L): Pi_tau(phi) of that visit
+        # (K+1, L): signal level of position i after c completed visits (row 0: never visited).
+        self._level_table = torch.cat([torch.ones(1, seq_len, dtype=torch.float64), levels], dim=0)
+        sweep_of_step = steps // n
+        self.step_pi_phi = self.pi_phi_visit[sweep_of_step[:, None], self.positions]  # (T, m)
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, seq_len: int) -> GlauberSchedule:
+        return cls(
+            seq_len,
+            sweeps=cfg.sweeps,
+            positions_per_step=cfg.positions_per_step,
+            alpha=cfg.alpha,
+            alpha_min=cfg.alpha_min,
+            clock=cfg.clock,
+            order=cfg.order,
+            order_seed=cfg.order_seed,
+        )
+
+    def check_steps(self, t: Tensor, allow_end: bool = False) -> None:
+        """Raise ``ValueError`` unless ``t`` holds integer steps in ``[0, T)`` (``[0, T]`` with allow_end)."""
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"steps t must be integer tensors (got {t.dtype})")
+        top = self.num_steps + int(allow_end)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
+            raise ValueError(f"steps t must lie in [0, {top}) with T={self.num_steps} (got {int(t.min())}..{int(t.max())})")
+
+    def signal_level(self, t: Tensor) -> Tensor:
+        """``alpha_i(t)`` for every position: the chance that ``X_t^i`` is still its clean token
+        (else a draw from the noise law). ``t``: integer tensor ``[B]`` -> float64 ``[B, L]``."""
+        self.check_steps(t, allow_end=True)
+        vs = self.visit_step.to(t.device)
+        completed = (vs[None, :, :] < t[:, None, None]).sum(dim=1)  # (B, L)
+        table = self._level_table.to(t.device)
+        return table.gather(0, completed)
+
+    def step_positions(self, t: Tensor) -> Tensor:
+        """``S_t`` for each entry of ``t [B]`` -> long ``[B, m]``."""
+        self.check_steps(t)
+        return self.positions.to(t.device)[t]
+
+    def pi_phi(self, t: Tensor) -> Tensor:
+        """``Pi_t(phi)`` of each position of ``S_t`` -> float64 ``[B, m]``."""
+        self.check_steps(t)
+        return self.step_pi_phi.to(t.device)[t]
+
+    def hidden_mask(self, t: Tensor) -> Tensor:
+        """Boolean ``[B, L]`` mask of ``S_t``."""
+        pos = self.step_positions(t)
+        mask = torch.zeros(t.shape[0], self.seq_len, dtype=torch.bool, device=t.device)
+        return mask.scatter_(1, pos, True)
+
+    def describe(self) -> str:
+        return (
+            f"GlauberSchedule(L={self.seq_len}, K={self.sweeps}, m={self.m}, T={self.num_steps}, "
+            f"alpha={self.alpha_name}, alpha_min={self.alpha_min}, clock={self.clock}, order={self.order})"
+        )
+
+    __repr__ = describe
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r})")
+
+
+def _visiting_order(L: int, K: int, m: int, order: str, seed: int) -> Tensor:
+    """``[T, m]`` table of the positions visited at each step; every sweep visits each position once."""
+    n = L // m
+    if order == "round_robin":
+        sweep = torch.arange(L).reshape(n, m)
+        return sweep.repeat(K, 1)
+    if order == "strided":
+        sweep = torch.arange(L).reshape(m, n).T.contiguous()
+        return sweep.repeat(K, 1)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randperm(L, generator=gen).reshape(n, m) for _ in range(K)], dim=0)

@@ -1,0 +1,99 @@
+"""Unit behaviour of the training batch, the losses' numerics and the categorical draw."""
+
+import pytest
+import torch
+from stats import tv_bound
+
+from glauber.loss import analytic_loss, cross_entropy_loss, draw_step_noise, ggm_loss, single_sample_loss
+from glauber.noise import NoiseLaw
+from glauber.process import make_training_example
+from glauber.sampler import draw_categorical, glauber_sample
+from glauber.schedule import GlauberSchedule
+
+
+def test_training_example_hides_exactly_S_t_and_targets_are_X_t():
+    gen = torch.Generator().manual_seed(0)
+    sched = GlauberSchedule(12, sweeps=3, positions_per_step=3, order="random")
+    law = NoiseLaw.uniform(7)
+    x0 = torch.randint(0, 7, (64, 12), generator=gen)
+    ex = make_training_example(x0, sched, law, hidden_id=7, generator=gen)
+    assert ex.hidden_mask.sum(1).eq(3).all()
+    assert (ex.x_in[ex.hidden_mask] == 7).all() and (ex.x_in[~ex.hidden_mask] < 7).all()
+    assert torch.equal(ex.hidden_mask.nonzero()[:, 1].reshape(64, 3), ex.positions)
+    for b in range(64):
+        assert set(ex.positions[b].tolist()) == set(sched.positions[ex.t[b]].tolist())
+        lookup = dict(zip(sched.positions[ex.t[b]].tolist(), sched.step_pi_phi[ex.t[b]].tolist()))
+        assert ex.pi_phi[b].tolist() == [lookup[p] for p in ex.positions[b].tolist()]
+    # at t = 0 nothing has been noised yet, so hidden targets are the clean tokens
+    ex0 = make_training_example(x0, sched, law, 7, gen, t=torch.zeros(64, dtype=torch.long))
+    assert torch.equal(ex0.targets, x0.gather(1, ex0.positions))
+    assert torch.equal(ex0.x_in[~ex0.hidden_mask], x0[~ex0.hidden_mask])
+
+
+def test_single_sample_loss_is_unbiased_for_analytic_loss():
+    gen = torch.Generator().manual_seed(1)
+    law = NoiseLaw.unigram(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    h = torch.randn(1, 4, generator=gen, dtype=torch.float64).expand(200_000, 4)
+    targets = torch.full((200_000,), 2)
+    pi = torch.full((200_000,), 0.3, dtype=torch.float64)
+    z = draw_step_noise(pi, law, gen)
+    assert abs(float((z == -1).double().mean()) - 0.3) < 5e-3
+    samples = single_sample_loss(h, targets, pi, law, z)
+    exact = analytic_loss(h[:1], targets[:1], pi[:1], law)
+    assert abs(float(samples.mean() - exact)) < 5 * float(samples.std()) / 200_000**0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["analytic", "single_sample", "cross_entropy"])
+def test_losses_are_finite_for_extreme_logits_in_low_precision(dtype, name):
+    law = NoiseLaw.uniform(50)
+    h = torch.tensor([[-1e4, 1e4] + [0.0] * 48, [80.0] * 50, [-80.0] * 50], dtype=dtype).requires_grad_(True)
+    targets = torch.tensor([0, 1, 2])
+    pi = torch.tensor([1e-9, 1 - 1e-9, 0.5], dtype=torch.float64)
+    loss = ggm_loss(name, h, targets, pi, law, torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert torch.isfinite(h.grad.float()).all()
+
+
+def test_cross_entropy_is_the_softmax_of_h_plus_log_u():
+    law = NoiseLaw.unigram(torch.tensor([1.0, 2.0, 5.0]))
+    h = torch.tensor([[0.1, -0.3, 0.7]], dtype=torch.float64)
+    p = torch.softmax(h + law.probs.log(), -1)
+    got = cross_entropy_loss(h, torch.tensor([2]), torch.tensor([0.5]), law)
+    assert torch.allclose(got, -p[:, 2].log())
+
+
+def test_draw_categorical_law_temperature_and_top_p():
+    gen = torch.Generator().manual_seed(2)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    n = 200_000
+    logits = p.log().expand(n, 4)
+
+    def law_of(draws):
+        return torch.bincount(draws, minlength=4).double() / n
+
+    assert 0.5 * (law_of(draw_categorical(logits, generator=gen)) - p).abs().sum() < tv_bound(p, n)
+    hot = torch.softmax(p.log() / 2.0, -1)
+    assert 0.5 * (law_of(draw_categorical(logits, temperature=2.0, generator=gen)) - hot).abs().sum() < tv_bound(hot, n)
+    nucleus = torch.tensor([0.5, 0.3, 0.0, 0.0], dtype=torch.float64) / 0.8  # smallest set with mass >= 0.75
+    got = law_of(draw_categorical(logits, top_p=0.75, generator=gen))
+    assert got[2:].sum() == 0 and 0.5 * (got - nucleus).abs().sum() < tv_bound(nucleus, n)
+    a = draw_categorical(logits[:100], generator=torch.Generator().manual_seed(9))
+    b = draw_categorical(logits[:100], generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+
+def test_sampler_queries_only_the_hidden_positions_once_per_step():
+    sched = GlauberSchedule(6, sweeps=2, positions_per_step=2, order="strided")
+    law = NoiseLaw.uniform(5)
+    seen = []
+
+    def denoiser(x_in, hidden, t):
+        seen.append((int(t[0]), hidden[0].nonzero().flatten().tolist()))
+        assert (x_in[hidden] == 5).all() and (x_in[~hidden] < 5).all()
+        return torch.zeros(int(hidden.sum()), 5)
+
+    glauber_sample(denoiser, sched, law, num_samples=3, generator=torch.Generator().manual_seed(0))
+    assert [s for s, _ in seen] == list(range(5, -1, -1))
+    assert all(sorted(pos) == sorted(sched.positions[s].tolist()) for s, pos in seen)
