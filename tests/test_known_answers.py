@@ -97,6 +97,13 @@ def test_closed_form_draws_match_simulation_and_exact_law(order, gen):
         bound = tv_bound(exact, int(rows.sum()), delta)
         assert total_variation(empirical_law(closed[rows], V), exact) < bound, f"closed form, t={step}"
         assert total_variation(empirical_law(slow[rows], V), exact) < bound, f"simulation, t={step}"
+        # sharper, per position: P(X_t^i = X_0^i) = alpha_i(t) + (1 - alpha_i(t)) u(X_0^i), 6 sigma
+        level = sched.signal_level(torch.tensor([step]))[0]
+        expected = (level + (1 - level) * law.probs[x0[rows]]).mean(0)
+        sigma = (expected * (1 - expected) / int(rows.sum())).sqrt()
+        for draws in (closed, slow):
+            observed = (draws[rows] == x0[rows]).double().mean(0)
+            assert ((observed - expected).abs() <= 6 * sigma + 1e-12).all(), f"t={step}"
 
 
 def test_pi_phi_matches_the_definition_for_the_papers_setting():

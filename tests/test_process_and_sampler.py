@@ -30,6 +30,23 @@ def test_training_example_hides_exactly_S_t_and_targets_are_X_t():
     assert torch.equal(ex0.x_in[~ex0.hidden_mask], x0[~ex0.hidden_mask])
 
 
+def test_training_targets_are_noised_tokens_with_the_right_signal_level():
+    gen = torch.Generator().manual_seed(3)
+    sched = GlauberSchedule(4, sweeps=3, alpha="cosine", alpha_min=0.05)
+    law = NoiseLaw.unigram(torch.tensor([6.0, 3.0, 1.0]))
+    n = 100_000
+    x0 = torch.randint(0, 3, (n, 4), generator=gen)
+    for step in (5, sched.num_steps - 1):
+        t = torch.full((n,), step)
+        ex = make_training_example(x0, sched, law, 3, gen, t=t)
+        pos = ex.positions[:, 0]
+        level = sched.signal_level(t)[0, pos[0]]  # X_t's level where S_t is hidden
+        clean = x0.gather(1, ex.positions)[:, 0]
+        expected = float((level + (1 - level) * law.probs[clean]).mean())
+        observed = float((ex.targets[:, 0] == clean).double().mean())
+        assert abs(observed - expected) < 6 * (expected * (1 - expected) / n) ** 0.5
+
+
 def test_single_sample_loss_is_unbiased_for_analytic_loss():
     gen = torch.Generator().manual_seed(1)
     law = NoiseLaw.unigram(torch.tensor([4.0, 3.0, 2.0, 1.0]))
