@@ -4,11 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.glauber-installed
 PYTHON ?= python3
 
-.PHONY: venv test test-all lint demo bench train-owt train-owt-small train-celeba eval-fid clean
+.PHONY: venv test test-all lint demo bench train-owt train-owt-small clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
 	@touch $(STAMP)
 
@@ -19,6 +18,18 @@ test: $(STAMP)  ## the test suite (CI runs exactly this)
 
 test-all: $(STAMP)  ## the test suite including slow tests
 	$(PY) -m pytest -q -m ""
+
+demo: $(STAMP)  ## train on bundled tiny Shakespeare (CPU, ~10 min) -> runs/demo/report.md
+	$(VENV)/bin/glauber demo --out runs/demo
+
+train-owt: $(STAMP)  ## the paper's OpenWebText setting (medium) on all local GPUs
+	$(VENV)/bin/glauber train experiments/owt.yaml $(ARGS)
+
+train-owt-small: $(STAMP)  ## OpenWebText with the DDiT-small backbone
+	$(VENV)/bin/glauber train experiments/owt_small.yaml $(ARGS)
+
+bench: $(STAMP)  ## speed benchmark (see docs/BENCHMARKS.md); e.g. make bench ARGS="--size small"
+	$(VENV)/bin/glauber bench $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src data_modules tests

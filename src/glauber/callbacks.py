@@ -1,0 +1,70 @@
+"""Training callbacks: throughput in the progress bar, text samples and noise-level plots at validation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from glauber.plots import plot_loss_by_noise
+
+
+class Throughput(Callback):
+    """Logs ``train/tokens_per_s`` (all processes together) averaged over the last ``window`` batches."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._times: list[float] = []
+        self._tokens = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._tokens = batch.numel() * trainer.world_size
+        self._times.append(time.perf_counter())
+        self._times = self._times[-(self.window + 1) :]
+        if len(self._times) > 1:
+            rate = self._tokens * (len(self._times) - 1) / (self._times[-1] - self._times[0])
+            pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+
+
+class ValidationSamples(Callback):
+    """At each validation, rank 0 draws a few samples with the EMA weights, decodes them and writes
+    ``<run_dir>/samples/step_XXXXXXXX.txt`` (also logged as TensorBoard text)."""
+
+    def __init__(self, run_dir: str | Path, num_samples: int, sample_options: dict[str, Any]) -> None:
+        self.dir = Path(run_dir) / "samples"
+        self.num_samples, self.options = num_samples, sample_options
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.num_samples < 1 or not trainer.is_global_zero:
+            return
+        gen = torch.Generator(device=pl_module.device).manual_seed(pl_module.cfg.train.seed + 12345)
+        ids = pl_module.sample(self.num_samples, generator=gen, **self.options)
+        dm = trainer.datamodule
+        texts = [dm.decode(row.tolist()) for row in ids.cpu()]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
+        (self.dir / f"step_{trainer.global_step:08d}.txt").write_text(body + "\n")
+        for logger in trainer.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_text"):
+                exp.add_text("samples", "\n\n".join(f"    {t}".replace("\n", "\n    ") for t in texts), trainer.global_step)
+
+
+class LossByNoisePlot(Callback):
+    """Saves ``<run_dir>/plots/val_loss_by_noise.png`` from the logged ``val/loss_t{k}`` values."""
+
+    def __init__(self, run_dir: str | Path, num_buckets: int = 10) -> None:
+        self.out = Path(run_dir) / "plots" / "val_loss_by_noise.png"
+        self.num_buckets = num_buckets
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        losses = {k: float(m[f"val/loss_t{k}"]) for k in range(self.num_buckets) if f"val/loss_t{k}" in m}
+        if losses:
+            plot_loss_by_noise(losses, self.num_buckets, trainer.global_step, self.out)

@@ -1,0 +1,150 @@
+"""The ``glauber`` command line: train, sample (and infill), demo, bench, config-help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+EPILOG = """examples:
+  glauber train experiments/shakespeare.yaml train.max_steps=500 train.run_dir=runs/try
+  glauber sample runs/try/checkpoints/last.ckpt --num 4 --out samples.txt
+  glauber sample CKPT --prefix "ROMEO:" --suffix "the end." --num 2      (infilling)
+  glauber demo                     (train on tiny Shakespeare on CPU, write runs/demo/report.md)
+  glauber config-help              (every config key, its type and default)
+"""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train from a YAML config (experiments/*.yaml) with key=value overrides, e.g. "
+        "train.max_steps=1000 model.size=small. Resumes from <train.run_dir>/checkpoints/last.ckpt when "
+        "train.resume=auto (the default). See `glauber config-help` for every key.",
+    )
+    p.add_argument("config", help="path to an experiment YAML file")
+    p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value pairs")
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="draw samples (or infill) from a checkpoint",
+        description="Sample text from a checkpoint with reverse Glauber dynamics (EMA weights). With --prefix "
+        "and/or --suffix the given text is clamped and the positions between are infilled.",
+    )
+    p.add_argument("checkpoint", help="a .ckpt written by glauber train")
+    p.add_argument("--num", type=int, default=4, help="number of samples (default 4)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples drawn at once (default 16)")
+    p.add_argument(
+        "--m",
+        type=int,
+        default=None,
+        help="positions redrawn per network call (default: the config's); network calls = sweeps * L / m",
+    )
+    p.add_argument("--prefix", default=None, help="text clamped at the start (infilling)")
+    p.add_argument("--suffix", default=None, help="text clamped at the end (infilling)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--float32", action="store_true", help="final categorical draw in float32 instead of float64")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", default=None, help="write the samples to this file (default: print)")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train on bundled tiny Shakespeare (CPU, ~10 min) and write a report",
+        description="Train GGM on the bundled tiny Shakespeare (character level) on the CPU, then write samples "
+        "(unconditional and infilled), the loss curve and report.md to the output directory.",
+    )
+    p.add_argument("--config", default=None, help="experiment YAML (default: experiments/shakespeare.yaml)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value pairs")
+
+
+def _add_config_help(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser(
+        "config-help",
+        help="list every config key with its type and default",
+        description="List every configuration key, its type and its default value.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glauber",
+        description="Glauber Generative Model: discrete diffusion learned by binary classification.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_sample(sub)
+    _add_demo(sub)
+    _add_config_help(sub)
+    from glauber.bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def config_help() -> str:
+    from glauber.config import ExperimentConfig
+
+    lines: list[str] = []
+
+    def walk(obj: object, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                doc = (type(value).__doc__ or "").strip().splitlines()[0] if type(value).__doc__ else ""
+                lines.append(f"\n[{prefix}{f.name}]  {doc}")
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+                lines.append(f"  {prefix}{f.name}: {t} = {value!r}")
+
+    walk(ExperimentConfig(), "")
+    return "\n".join(lines).lstrip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "train":
+            from glauber.config import load_config
+            from glauber.train import train
+
+            run_dir = train(load_config(args.config, args.overrides))
+            print(f"run directory: {run_dir}")
+        elif args.command == "sample":
+            from glauber.inference import sample_command
+
+            sample_command(args)
+        elif args.command == "demo":
+            from glauber.demo import run_demo
+
+            run_demo(args.config, args.out, args.overrides)
+        elif args.command == "config-help":
+            print(config_help())
+        elif args.command == "bench":
+            from glauber.bench import bench_command
+
+            bench_command(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"glauber {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Typed experiment configuration (omegaconf structured configs), loading and validation.
+
+A run is described by one YAML file under ``experiments/`` plus ``key=value`` overrides; unknown keys
+and wrongly typed values fail at start-up with the offending key named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from data_modules.text import TextDataConfig
+from glauber.model import ModelConfig
+from glauber.schedule import ScheduleConfig
+
+
+@dataclass
+class ProcessConfig:
+    """GGM process options beyond the schedule.
+
+    noise: ``uniform`` or ``unigram`` (unigram law of the training data, smoothed).
+    loss: ``analytic`` (GGM, default), ``single_sample`` (GGM with one drawn z) or ``cross_entropy``
+        (ablation, not GGM).
+    train_positions_per_step: hidden-set sizes ``m`` drawn per training batch (each must divide L);
+        empty means the schedule's ``positions_per_step`` only.
+    """
+
+    noise: str = "uniform"
+    unigram_smoothing: float = 1.0
+    loss: str = "analytic"
+    train_positions_per_step: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema: float = 0.9999  # 0 disables EMA
+
+
+@dataclass
+class TrainConfig:
+    """Training loop. ``global_batch_size`` is fixed whatever the number of devices and nodes:
+    per-device batch and gradient accumulation are derived (``micro_batch_size`` caps the
+    per-device batch held in memory at once)."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    global_batch_size: int = 512
+    micro_batch_size: int | None = None
+    max_steps: int = 1_000_000
+    max_time: str | None = None  # wall-clock cap "DD:HH:MM:SS" (a safety net; max_steps is the budget)
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"
+    compile: bool = False
+    val_every_steps: int = 5000
+    val_batches: int = 20
+    ckpt_every_steps: int = 5000
+    log_every_steps: int = 50
+    resume: str = "auto"  # auto: continue from run_dir's last.ckpt if present | never | a checkpoint path
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    progress_bar: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """Sampling during validation and by default in ``glauber sample``."""
+
+    num_samples: int = 4
+    positions_per_step: int | None = None  # None: the schedule's m
+    temperature: float = 1.0
+    top_p: float = 1.0
+    float64: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    method: str = "ggm"
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Merge a YAML file and ``key=value`` overrides onto the typed defaults, then validate."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"config file {p} not found; the shipped ones are in experiments/*.yaml")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ValueError(f"overrides must look like key=value (got {bad})")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        raise ValueError(f"unknown config key {e.full_key!r}: {e.msg.splitlines()[0]} (see `glauber config-help`)") from None
+    except ValidationError as e:
+        raise ValueError(f"bad value for config key {e.full_key!r}: {e.msg.splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    from glauber.schedule import GlauberSchedule
+
+    L = cfg.data.seq_len
+    GlauberSchedule.from_config(cfg.schedule, L)  # raises on bad schedule options
+    for m in cfg.process.train_positions_per_step:
+        if m < 1 or L % m:
+            raise ValueError(f"process.train_positions_per_step: {m} must divide data.seq_len={L}")
+    if cfg.process.noise not in ("uniform", "unigram"):
+        raise ValueError(f"process.noise must be 'uniform' or 'unigram' (got {cfg.process.noise!r})")
+    if cfg.process.loss not in ("analytic", "single_sample", "cross_entropy"):
+        raise ValueError(f"process.loss must be analytic, single_sample or cross_entropy (got {cfg.process.loss!r})")
+    if cfg.optim.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.lr_schedule must be 'constant' or 'cosine' (got {cfg.optim.lr_schedule!r})")
+    if not 0 <= cfg.optim.ema < 1:
+        raise ValueError(f"optim.ema must be in [0, 1) (got {cfg.optim.ema})")
+    ModelConfig(**OmegaConf.to_container(cfg.model)).resolved()
+    if cfg.train.global_batch_size < 1:
+        raise ValueError("train.global_batch_size must be >= 1")
+
+
+def batch_layout(global_batch: int, world_size: int, micro_batch: int | None) -> tuple[int, int]:
+    """``(per-device batch, gradient accumulation)`` keeping ``global_batch`` fixed for any world size."""
+    if global_batch % world_size:
+        raise ValueError(
+            f"train.global_batch_size={global_batch} is not divisible by devices x nodes = {world_size}; "
+            "pick a global batch that is a multiple of the number of processes"
+        )
+    per_device = global_batch // world_size
+    if micro_batch is None or micro_batch >= per_device:
+        return per_device, 1
+    if per_device % micro_batch:
+        raise ValueError(
+            f"per-device batch {per_device} (= {global_batch} / {world_size} processes) is not a multiple of "
+            f"train.micro_batch_size={micro_batch}; choose a micro batch that divides it"
+        )
+    return micro_batch, per_device // micro_batch
+
+
+def to_dataclass(cfg: DictConfig) -> ExperimentConfig:
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

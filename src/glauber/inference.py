@@ -1,0 +1,103 @@
+"""Load a trained checkpoint for sampling, with its tokenizer, and the ``glauber sample`` command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from data_modules.tokenizers import TextTokenizer, tokenizer_from_state
+from glauber.methods import DiffusionModule, method_class
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DiffusionModule:
+    """The LightningModule of a ``glauber train`` checkpoint, in eval mode, EMA weights loaded by default."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found (runs keep them in <run_dir>/checkpoints/)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    g = state.get("glauber")
+    if g is None:
+        raise ValueError(f"{path} is not a glauber checkpoint")
+    cfg = g["config"]
+    cfg["train"]["compile"] = False
+    module = method_class(cfg["method"])(cfg)
+    module.build(g["vocab_size"], g["extra"].get("data_info"))
+    module.load_state_dict(state["state_dict"])
+    module.on_load_checkpoint(state)
+    if use_ema and module.ema is not None:
+        module.ema.copy_to(module.model)
+    module.ema = None
+    return module.to(device).eval()
+
+
+def checkpoint_tokenizer(module: DiffusionModule) -> TextTokenizer:
+    info = module._data_info.get("tokenizer") if hasattr(module, "_data_info") else None
+    if info is None:
+        raise ValueError("this checkpoint does not record its tokenizer")
+    return tokenizer_from_state(info)
+
+
+def infill_template(
+    tok: TextTokenizer, L: int, wrap: str, prefix: str | None, suffix: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A template ``[L]`` and clamp mask ``[L]``: BOS/EOS (in bos_eos mode), the prefix after BOS and the
+    suffix before EOS are clamped; everything between is free."""
+    head = ([tok.bos_id] if wrap == "bos_eos" and tok.bos_id is not None else []) + (tok.encode(prefix) if prefix else [])
+    tail = (tok.encode(suffix) if suffix else []) + ([tok.eos_id] if wrap == "bos_eos" and tok.eos_id is not None else [])
+    if len(head) + len(tail) >= L:
+        raise ValueError(f"prefix and suffix take {len(head) + len(tail)} tokens; the model's length is {L}: shorten them")
+    template = torch.zeros(L, dtype=torch.long)
+    clamp = torch.zeros(L, dtype=torch.bool)
+    template[: len(head)] = torch.tensor(head, dtype=torch.long)
+    clamp[: len(head)] = True
+    if tail:
+        template[L - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+        clamp[L - len(tail) :] = True
+    return template, clamp
+
+
+def generate(
+    module: DiffusionModule,
+    num: int,
+    batch_size: int,
+    seed: int,
+    template: torch.Tensor | None = None,
+    clamp: torch.Tensor | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> torch.Tensor:
+    """``num`` samples in batches; infilling when a template and clamp mask are given."""
+    gen = torch.Generator(device=module.device).manual_seed(seed)
+    out = []
+    for start in tqdm(range(0, num, batch_size), desc="batches", disable=not progress or num <= batch_size):
+        b = min(batch_size, num - start)
+        if template is None:
+            out.append(module.sample(b, generator=gen, progress=progress, **options))
+        else:
+            out.append(
+                module.sample(b, template=template.expand(b, -1), clamp_mask=clamp, generator=gen, progress=progress, **options)
+            )
+    return torch.cat(out).cpu()
+
+
+def sample_command(args: argparse.Namespace) -> None:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    tok = checkpoint_tokenizer(module)
+    options = {"positions_per_step": args.m, "temperature": args.temperature, "top_p": args.top_p, "float64": not args.float32}
+    template = clamp = None
+    if args.prefix or args.suffix:
+        template, clamp = infill_template(tok, module.cfg.data.seq_len, module.cfg.data.wrap, args.prefix, args.suffix)
+    ids = generate(module, args.num, args.batch_size, args.seed, template, clamp, **options)
+    texts = [tok.decode(row.tolist()) for row in ids]
+    body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(body)
+        print(f"wrote {len(texts)} samples to {args.out}")
+    else:
+        print(body)

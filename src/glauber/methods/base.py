@@ -1,0 +1,151 @@
+"""What every method shares: the backbone, AdamW with warm-up, EMA, step-seeded randomness,
+validation with EMA weights, and the run state saved in checkpoints."""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from glauber.ema import EMA
+from glauber.model import DDiT, ModelConfig
+
+
+class DiffusionModule(L.LightningModule):
+    """Base LightningModule. Subclasses implement ``compute_loss`` and ``sample``.
+
+    ``vocab_size`` may be unknown at construction (it comes from the data): the network is then
+    built in ``configure_model`` from the attached DataModule.
+    """
+
+    def __init__(self, cfg: dict | DictConfig, vocab_size: int | None = None) -> None:
+        super().__init__()
+        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        self.save_hyperparameters({"cfg": cfg, "vocab_size": vocab_size})
+        self.cfg = OmegaConf.create(cfg)
+        self.model: DDiT | None = None
+        self.ema: EMA | None = None
+        self.micro_batches_seen = 0  # drives per-batch seeds and the data position on resume
+        if vocab_size is not None:
+            self.build(vocab_size)
+
+    # -- construction -------------------------------------------------------------------------
+    def build(self, vocab_size: int, data_info: dict | None = None) -> None:
+        """Create the network (and method state) once the vocabulary is known."""
+        if self.model is not None:
+            return
+        self.hparams["vocab_size"] = vocab_size
+        self.vocab_size = vocab_size
+        self.model = DDiT(ModelConfig(**self.cfg.model), vocab_size)
+        if self.cfg.train.compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay the same
+        if self.cfg.optim.ema > 0:
+            self.ema = EMA(self.model, self.cfg.optim.ema)
+        self.build_method(data_info or {})
+
+    def build_method(self, data_info: dict) -> None:  # noqa: B027 - optional hook
+        """Method-specific state built after the network (noise law, schedules...)."""
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            dm = self.trainer.datamodule
+            if dm is None:
+                raise ValueError("vocab_size unknown: pass it to the module or fit with a DataModule")
+            self.build(dm.vocab_size, self.data_info(dm))
+
+    def data_info(self, dm: Any) -> dict:
+        """What the method needs from the data (e.g. unigram counts); overridden by subclasses."""
+        return {}
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        total = max(self.cfg.train.max_steps, 1)
+
+        def factor(step: int) -> float:
+            if o.warmup_steps > 0 and step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            if o.lr_schedule == "cosine":
+                progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+                return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def step_generator(self, salt: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, micro-batch counter, rank): a resumed run draws the same noise."""
+        seed = (self.cfg.train.seed * 1_000_003 + self.micro_batches_seen * 7919 + self.global_rank * 104_729 + salt) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted at the start, so a checkpoint written at this batch's end records it as consumed.
+        self.micro_batches_seen += 1
+        torch.manual_seed(self.cfg.train.seed * 65_537 + self.micro_batches_seen * 31 + self.global_rank)  # dropout
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss, _ = self.compute_loss(batch, self.step_generator())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch.shape[0])
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def ema_scope(self):
+        from contextlib import nullcontext
+
+        return self.ema.scope(self.model) if self.ema is not None else nullcontext()
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_ctx = self.ema_scope()
+        self._ema_ctx.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_ctx.__exit__(None, None, None)
+
+    @abstractmethod
+    def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean loss of a batch of clean sequences and per-row extras (e.g. the noise level)."""
+
+    @abstractmethod
+    def sample(self, num_samples: int, **kwargs: Any) -> Tensor:
+        """Draw ``[num_samples, L]`` token ids."""
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["glauber"] = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "vocab_size": self.vocab_size,
+            "micro_batches_seen": self.micro_batches_seen,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "extra": self.extra_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("glauber")
+        if state is None:
+            raise ValueError("not a glauber checkpoint (no 'glauber' section)")
+        if self.model is None:
+            self.build(state["vocab_size"], state["extra"].get("data_info"))
+        self.micro_batches_seen = state["micro_batches_seen"]
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.load_extra_state(state["extra"])
+        if self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
+            per_device = self.trainer.datamodule.batch_size
+            self.trainer.datamodule.set_consumed(self.micro_batches_seen * per_device)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:  # noqa: B027 - optional hook
+        pass

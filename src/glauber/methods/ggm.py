@@ -1,0 +1,141 @@
+"""The Glauber Generative Model as a LightningModule: the method code stays in the pure modules
+(``schedule``, ``process``, ``loss``, ``sampler``); this class wires them to the network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from glauber.loss import ggm_loss
+from glauber.methods.base import DiffusionModule
+from glauber.noise import NoiseLaw
+from glauber.process import make_training_example
+from glauber.sampler import Denoiser, glauber_sample
+from glauber.schedule import GlauberSchedule
+
+NUM_BUCKETS = 10  # validation loss is reported per tenth of the noising time t/T
+
+
+class GGMModule(DiffusionModule):
+    """GGM training (binary-classification loss at hidden positions) and Glauber sampling."""
+
+    def data_info(self, dm: Any) -> dict:
+        if self.cfg.process.noise == "unigram":
+            return {"token_counts": dm.token_counts().tolist()}
+        return {}
+
+    def build_method(self, data_info: dict) -> None:
+        p = self.cfg.process
+        counts = data_info.get("token_counts")
+        self.law = NoiseLaw.from_name(p.noise, self.vocab_size, torch.tensor(counts) if counts else None, p.unigram_smoothing)
+        self._data_info = data_info
+        base = self.cfg.schedule.positions_per_step
+        self.train_ms = sorted(set(p.train_positions_per_step) or {base})
+        self._schedules: dict[int, GlauberSchedule] = {}
+        self.val_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_BUCKETS))
+        self.val_loss = MeanMetric()
+
+    def schedule(self, m: int | None = None) -> GlauberSchedule:
+        """The schedule with ``m`` positions per step (default: the configured one), cached."""
+        m = m or self.cfg.schedule.positions_per_step
+        if m not in self._schedules:
+            sc = OmegaConf.merge(self.cfg.schedule, {"positions_per_step": m})
+            self._schedules[m] = GlauberSchedule.from_config(sc, self.cfg.data.seq_len)
+        return self._schedules[m]
+
+    def denoiser(self, schedule: GlauberSchedule, clean_mask: Tensor | None = None) -> Denoiser:
+        """Adapt the network to the sampler's ``f(x_in, hidden_mask, t) -> h``. Positions in
+        ``clean_mask`` (infilling) are shown to the network as fully clean (signal level 1)."""
+
+        def f(x_in: Tensor, hidden: Tensor, t: Tensor) -> Tensor:
+            alpha = schedule.signal_level(t).float()
+            if clean_mask is not None:
+                alpha = alpha.masked_fill(clean_mask.to(alpha.device).expand_as(alpha), 1.0)
+            return self.model(x_in, hidden, (t.float() + 1) / schedule.num_steps, alpha)
+
+        return f
+
+    def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        m_idx = int(torch.randint(len(self.train_ms), (1,), generator=generator, device=generator.device))
+        sched = self.schedule(self.train_ms[m_idx])
+        law = self.law.to(batch.device)
+        ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator)
+        alpha = sched.signal_level(ex.t).float()
+        h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, alpha)
+        per = ggm_loss(self.cfg.process.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator)
+        per_row = per.view(batch.shape[0], -1).mean(1)
+        return per_row.mean(), {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(10_007 * batch_idx + self.global_rank + 17)
+        _, extra = self.compute_loss(batch, gen)
+        per_row = extra["per_row"].float()
+        self.val_loss.update(per_row)
+        bucket = (extra["time"] * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
+        for k in range(NUM_BUCKETS):
+            sel = bucket == k
+            if bool(sel.any()):
+                self.val_buckets[k].update(per_row[sel])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+        for k, metric in enumerate(self.val_buckets):
+            if metric.update_count:
+                self.log(f"val/loss_t{k}", metric.compute())
+            metric.reset()
+        super().on_validation_epoch_end()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        positions_per_step: int | None = None,
+        template: Tensor | None = None,
+        clamp_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> Tensor:
+        """Unconditional samples, or infilling when ``template`` and ``clamp_mask`` are given.
+        ``options``: temperature, top_p, float64 (the final categorical draw)."""
+        sched = self.schedule(positions_per_step)
+        law = self.law.to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.ema_scope():
+                if template is None:
+                    return glauber_sample(
+                        self.denoiser(sched),
+                        sched,
+                        law,
+                        num_samples,
+                        generator=generator,
+                        device=self.device,
+                        progress=progress,
+                        **options,
+                    )
+                from glauber.sampler import infill
+
+                template = template.to(self.device)
+                clamp = clamp_mask.to(self.device)
+                return infill(
+                    self.denoiser(sched, clamp),
+                    sched,
+                    law,
+                    template,
+                    clamp,
+                    generator=generator,
+                    progress=progress,
+                    **options,
+                )
+        finally:
+            self.model.train(was_training)
+
+    def extra_state(self) -> dict:
+        return {"data_info": self._data_info, "noise_probs": self.law.probs.tolist()}

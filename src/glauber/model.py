@@ -1,0 +1,207 @@
+"""The denoiser network: a DDiT-style bidirectional transformer (adaLN-Zero, rotary, SDPA).
+
+``forward(x_in, hidden_mask, time, alpha=None) -> h``: ``x_in [B, L]`` holds token ids with the
+hidden positions set to ``hidden_id = V`` (a dedicated embedding row), ``time [B]`` in ``(0, 1]`` is
+``(t + 1) / T``, ``alpha [B, L]`` optionally gives each position's signal level. The vocabulary head
+runs only on the hidden positions (gathered first), so ``h`` is ``[N, V]`` in
+``hidden_mask.nonzero()`` order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional, never required
+    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+SIZES: dict[str, tuple[int, int, int]] = {  # width, blocks, heads
+    "tiny": (64, 2, 2),
+    "demo": (192, 4, 4),
+    "small": (768, 12, 12),
+    "medium": (1024, 24, 16),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Denoiser options. ``size`` picks width/blocks/heads unless they are given explicitly.
+
+    condition_on_alpha: add an embedding of each position's signal level ``alpha_i(t)`` to its
+        token embedding (richer than the step alone; lets infilling mark clamped positions clean).
+    tie_head: share the output head with the token embedding (off by default).
+    attention: ``sdpa`` (PyTorch) or ``flash`` (flash-attn when installed, on CUDA; else SDPA).
+    """
+
+    size: str = "tiny"
+    width: int | None = None
+    blocks: int | None = None
+    heads: int | None = None
+    cond_dim: int = 128
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    condition_on_alpha: bool = True
+    tie_head: bool = False
+    attention: str = "sdpa"
+
+    def resolved(self) -> tuple[int, int, int]:
+        if self.size not in SIZES:
+            raise ValueError(f"model.size must be one of {tuple(SIZES)} (got {self.size!r})")
+        w, b, h = SIZES[self.size]
+        w, b, h = self.width or w, self.blocks or b, self.heads or h
+        if w % h or (w // h) % 2:
+            raise ValueError(f"model.width ({w}) must be a multiple of model.heads ({h}) with an even head size")
+        if self.attention not in ("sdpa", "flash"):
+            raise ValueError(f"model.attention must be 'sdpa' or 'flash' (got {self.attention!r})")
+        return w, b, h
+
+
+def timestep_features(time: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal features of a scalar per row (``time`` scaled to ``[0, 1000]``)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=time.device, dtype=torch.float32) / half)
+    args = 1000.0 * time.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables, cached per length and device."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def forward(self, L: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._cache is None or self._cache[0] != L or self._cache[1] != device:
+            pos = torch.arange(L, device=device, dtype=torch.float32)
+            angles = torch.outer(pos, self.inv_freq.to(device))
+            self._cache = (L, device, angles.cos()[None, :, None, :], angles.sin()[None, :, None, :])
+        return self._cache[2], self._cache[3]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of the head dimension; ``x [B, L, H, Dh]``."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (stable under bf16 autocast), weight only."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float()).to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation from the conditioning vector."""
+
+    def __init__(self, width: int, heads: int, cond_dim: int, mlp_ratio: int, dropout: float, attention: str) -> None:
+        super().__init__()
+        self.heads, self.dropout, self.attention = heads, dropout, attention
+        self.norm1, self.norm2 = LayerNorm(width), LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width)
+        )
+        self.ada = nn.Linear(cond_dim, 6 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        if self.attention == "flash" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return flash_attn_func(q, k, v, dropout_p=p, causal=False)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p)
+        return out.transpose(1, 2)
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, L, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = self._attend(q, k, v).reshape(B, L, D)
+        x = x + gate1[:, None] * F.dropout(self.proj(a), self.dropout, self.training)
+        h = modulate(self.norm2(x), shift2, scale2)
+        return x + gate2[:, None] * F.dropout(self.mlp(h), self.dropout, self.training)
+
+
+class DDiT(nn.Module):
+    """Bidirectional diffusion transformer returning ``h`` at the hidden positions only."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        width, blocks, heads = cfg.resolved()
+        self.cfg, self.vocab_size, self.hidden_id = cfg, vocab_size, vocab_size
+        self.embed = nn.Embedding(vocab_size + 1, width)  # last row: the hidden-input embedding
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(256, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        self.alpha_embed = nn.Linear(64, width) if cfg.condition_on_alpha else None
+        if self.alpha_embed is not None:
+            nn.init.zeros_(self.alpha_embed.weight)
+            nn.init.zeros_(self.alpha_embed.bias)
+        self.rotary = Rotary(width // heads)
+        self.blocks = nn.ModuleList(
+            Block(width, heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, cfg.attention) for _ in range(blocks)
+        )
+        self.norm_out = LayerNorm(width)
+        self.ada_out = nn.Linear(cfg.cond_dim, 2 * width)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+        # Untied by default; a tied head reads the token rows of the embedding (not the hidden row).
+        self.head = None if cfg.tie_head else nn.Linear(width, vocab_size, bias=False)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+        self.head_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel() + (0 if self.head is None else self.head.weight.numel()) + self.head_bias.numel()
+        return n
+
+    def trunk(self, x_in: Tensor, time: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Hidden states ``[B, L, D]`` and the conditioning vector ``[B, cond_dim]``."""
+        x = self.embed(x_in)
+        if self.alpha_embed is not None:
+            if alpha is None:
+                raise ValueError("this model was built with condition_on_alpha=True: pass alpha [B, L]")
+            x = x + self.alpha_embed(timestep_features(alpha.reshape(-1), 64).view(*alpha.shape, 64))
+        c = F.silu(self.time_mlp(timestep_features(time, 256)))
+        cos, sin = self.rotary(x_in.shape[1], x_in.device)
+        for block in self.blocks:
+            x = block(x, c, cos, sin)
+        return x, c
+
+    def forward(self, x_in: Tensor, hidden: Tensor, time: Tensor, alpha: Tensor | None = None) -> Tensor:
+        """``hidden``: a boolean mask ``[B, L]`` or sorted positions ``[B, m]`` (static shapes, for
+        ``torch.compile`` in training). Returns ``h [N, V]`` in row-major order of the hidden positions."""
+        x, c = self.trunk(x_in, time, alpha)
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        if hidden.dtype == torch.bool:
+            rows = hidden.nonzero(as_tuple=True)[0]
+            x = x[hidden]  # gather before the head: only the hidden positions pay for V
+        else:
+            B, m = hidden.shape
+            rows = torch.arange(B, device=x.device).repeat_interleave(m)
+            x = x.gather(1, hidden[..., None].expand(-1, -1, x.shape[-1])).reshape(B * m, -1)
+        x = self.norm_out(x) * (1 + scale[rows]) + shift[rows]
+        weight = self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
+        return F.linear(x, weight, self.head_bias)

@@ -1,0 +1,72 @@
+"""Plots saved as PNG where users look: the loss curve and the validation loss per noise level."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Series ``name -> [(step, value)]`` from Lightning's CSV logger file."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    path = Path(csv_path)
+    if not path.is_file():
+        return series
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for k, v in row.items():
+                if k in ("step", "epoch") or v in ("", None):
+                    continue
+                series.setdefault(k, []).append((step, float(v)))
+    return series
+
+
+def plot_loss_curves(csv_path: str | Path, out_png: str | Path) -> Path | None:
+    """Training and validation loss against optimizer steps."""
+    s = read_metrics(csv_path)
+    if not s.get("train/loss"):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, vals = zip(*s["train/loss"])
+    ax.plot(steps, vals, lw=0.8, alpha=0.6, label="train")
+    if len(vals) >= 20:  # a running mean makes the trend readable
+        k = max(5, len(vals) // 30)
+        smooth = [sum(vals[max(0, i - k) : i + 1]) / len(vals[max(0, i - k) : i + 1]) for i in range(len(vals))]
+        ax.plot(steps, smooth, lw=1.6, label=f"train (mean of {k + 1})")
+    if s.get("val/loss"):
+        vs, vv = zip(*s["val/loss"])
+        ax.plot(vs, vv, "o-", lw=1.6, label="validation (EMA)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per hidden position")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_loss_by_noise(bucket_losses: dict[int, float], num_buckets: int, step: int, out_png: str | Path) -> Path:
+    """Validation loss per tenth of the noising time ``t/T`` (0 = clean, 1 = pure noise)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ks = sorted(k for k, v in bucket_losses.items() if math.isfinite(v))
+    ax.bar([(k + 0.5) / num_buckets for k in ks], [bucket_losses[k] for k in ks], width=0.8 / num_buckets)
+    ax.set_xlabel("noising time t/T")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"validation loss by noise level (step {step})")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,114 @@
+"""The denoiser network: shapes, the vocabulary head only at hidden positions, no peeking."""
+
+import pytest
+import torch
+
+from glauber.ema import EMA
+from glauber.model import DDiT, ModelConfig
+from glauber.schedule import GlauberSchedule
+
+V, L, B = 11, 16, 3
+
+
+def make(condition_on_alpha: bool = True, **kw) -> DDiT:
+    torch.manual_seed(0)
+    model = DDiT(ModelConfig(size="tiny", dropout=0.0, condition_on_alpha=condition_on_alpha, **kw), V).eval()
+    for p in model.parameters():  # zero-initialised heads/gates would make every output equal
+        torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, L), generator=g)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[:, 3] = True
+    mask[:, 9] = True
+    return x, mask, torch.rand(B, generator=g), torch.rand(B, L, generator=g)
+
+
+def test_output_shape_and_positions_form_matches_mask_form():
+    model = make()
+    x, mask, time, alpha = inputs()
+    x_in = x.masked_fill(mask, V)
+    h = model(x_in, mask, time, alpha)
+    assert h.shape == (int(mask.sum()), V)
+    pos = mask.nonzero()[:, 1].view(B, 2)
+    assert torch.allclose(model(x_in, pos, time, alpha), h, atol=1e-6)
+
+
+def test_changing_the_hidden_token_never_changes_the_output():
+    model = make()
+    x, mask, time, alpha = inputs()
+    other = x.clone()
+    other[mask] = (x[mask] + 1) % V
+    h1 = model(x.masked_fill(mask, V), mask, time, alpha)
+    h2 = model(other.masked_fill(mask, V), mask, time, alpha)
+    assert torch.equal(h1, h2)
+    # ...while the network does read the visible context, on both sides (bidirectional)
+    for j in (0, L - 1):
+        moved = x.clone()
+        moved[:, j] = (x[:, j] + 1) % V
+        assert not torch.allclose(model(moved.masked_fill(mask, V), mask, time, alpha), h1)
+
+
+def test_head_runs_only_on_hidden_positions():
+    model = make()
+    calls = []
+    model.norm_out.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+    x, mask, time, alpha = inputs()
+    model(x.masked_fill(mask, V), mask, time, alpha)
+    assert calls == [torch.Size([int(mask.sum()), 64])]
+
+
+def test_alpha_conditioning_is_used_and_required():
+    model = make()
+    x, mask, time, alpha = inputs()
+    x_in = x.masked_fill(mask, V)
+    assert not torch.allclose(model(x_in, mask, time, alpha), model(x_in, mask, time, alpha * 0.5))
+    with pytest.raises(ValueError, match="condition_on_alpha"):
+        model(x_in, mask, time)
+    plain = make(condition_on_alpha=False)
+    assert plain(x_in, mask, time).shape == (6, V)
+
+
+def test_tied_head_and_bf16_autocast():
+    model = make(tie_head=True)
+    x, mask, time, alpha = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model(x.masked_fill(mask, V), mask, time, alpha)
+    assert h.dtype == torch.bfloat16 and torch.isfinite(h.float()).all()
+    assert model.num_parameters(non_embedding=False) < make().num_parameters(non_embedding=False)
+
+
+def test_zero_initialised_network_starts_at_the_noise_law():
+    """Fresh model: h = 0, so p_t(.|c) = softmax(log u) = u."""
+    model = DDiT(ModelConfig(size="tiny"), V).eval()
+    x, mask, time, alpha = inputs()
+    assert torch.equal(model(x.masked_fill(mask, V), mask, time, alpha), torch.zeros(6, V))
+
+
+def test_ema_update_and_scope_restore():
+    lin = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(lin.weight, 1.0)
+    ema = EMA(lin, decay=0.9)
+    torch.nn.init.constant_(lin.weight, 2.0)
+    ema.update(lin)
+    assert torch.allclose(ema.shadow[0], torch.full((1, 2), 1.1))
+    with ema.scope(lin):
+        assert torch.allclose(lin.weight, torch.full((1, 2), 1.1))
+        with ema.scope(lin):  # re-entrant
+            pass
+        assert torch.allclose(lin.weight, torch.full((1, 2), 1.1))
+    assert torch.allclose(lin.weight, torch.full((1, 2), 2.0))
+
+
+def test_sizes_match_the_ddit_shapes():
+    assert ModelConfig(size="small").resolved() == (768, 12, 12)
+    assert ModelConfig(size="medium").resolved() == (1024, 24, 16)
+    with pytest.raises(ValueError, match="model.size"):
+        ModelConfig(size="huge").resolved()
+    with pytest.raises(ValueError, match="multiple of model.heads"):
+        ModelConfig(size="tiny", width=60, heads=8).resolved()
+    sched = GlauberSchedule(L, 2)
+    assert sched.num_steps == 2 * L
