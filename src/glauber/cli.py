@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields, is_dataclass
-from pathlib import Path
 
 EPILOG = """examples:
   glauber train experiments/shakespeare.yaml train.max_steps=500 train.run_dir=runs/try

@@ -35,7 +35,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
 
 
 def checkpoint_tokenizer(module: DiffusionModule) -> TextTokenizer:
-    info = module._data_info.get("tokenizer") if hasattr(module, "_data_info") else None
+    info = module.data_info_.get("tokenizer")
     if info is None:
         raise ValueError("this checkpoint does not record its tokenizer")
     return tokenizer_from_state(info)

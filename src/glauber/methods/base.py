@@ -41,12 +41,13 @@ class DiffusionModule(L.LightningModule):
             return
         self.hparams["vocab_size"] = vocab_size
         self.vocab_size = vocab_size
+        self.data_info_ = data_info or {}
         self.model = DDiT(ModelConfig(**self.cfg.model), vocab_size)
         if self.cfg.train.compile:
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
         if self.cfg.optim.ema > 0:
             self.ema = EMA(self.model, self.cfg.optim.ema)
-        self.build_method(data_info or {})
+        self.build_method(self.data_info_)
 
     def build_method(self, data_info: dict) -> None:  # noqa: B027 - optional hook
         """Method-specific state built after the network (noise law, schedules...)."""
@@ -59,8 +60,9 @@ class DiffusionModule(L.LightningModule):
             self.build(dm.vocab_size, self.data_info(dm))
 
     def data_info(self, dm: Any) -> dict:
-        """What the method needs from the data (e.g. unigram counts); overridden by subclasses."""
-        return {}
+        """What is kept from the data in checkpoints: the tokenizer (so samples decode without the
+        corpus); subclasses add what their method needs (e.g. unigram counts)."""
+        return {"tokenizer": dm.tokenizer_state()} if hasattr(dm, "tokenizer_state") else {}
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -140,12 +142,9 @@ class DiffusionModule(L.LightningModule):
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.load_extra_state(state["extra"])
-        if self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
-            per_device = self.trainer.datamodule.batch_size
-            self.trainer.datamodule.set_consumed(self.micro_batches_seen * per_device)
 
     def extra_state(self) -> dict:
-        return {}
+        return {"data_info": self.data_info_}
 
     def load_extra_state(self, state: dict) -> None:  # noqa: B027 - optional hook
         pass

@@ -24,15 +24,15 @@ class GGMModule(DiffusionModule):
     """GGM training (binary-classification loss at hidden positions) and Glauber sampling."""
 
     def data_info(self, dm: Any) -> dict:
+        info = super().data_info(dm)
         if self.cfg.process.noise == "unigram":
-            return {"token_counts": dm.token_counts().tolist()}
-        return {}
+            info["token_counts"] = dm.token_counts().tolist()
+        return info
 
     def build_method(self, data_info: dict) -> None:
         p = self.cfg.process
         counts = data_info.get("token_counts")
         self.law = NoiseLaw.from_name(p.noise, self.vocab_size, torch.tensor(counts) if counts else None, p.unigram_smoothing)
-        self._data_info = data_info
         base = self.cfg.schedule.positions_per_step
         self.train_ms = sorted(set(p.train_positions_per_step) or {base})
         self._schedules: dict[int, GlauberSchedule] = {}
@@ -138,4 +138,4 @@ class GGMModule(DiffusionModule):
             self.model.train(was_training)
 
     def extra_state(self) -> dict:
-        return {"data_info": self._data_info, "noise_probs": self.law.probs.tolist()}
+        return {**super().extra_state(), "noise_probs": self.law.probs.tolist()}

@@ -1,0 +1,242 @@
+"""Text tokenizers behind one small interface: GPT-2 byte-level BPE and a character vocabulary.
+
+Every tokenizer has a ``fingerprint()`` (a hash of exactly what maps text to ids) that keys the token
+caches, and a JSON-serialisable ``state()`` that ``tokenizer_from_state`` turns back into the same
+tokenizer, so caches and checkpoints can rebuild it without the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+HF_HOST = ("huggingface.co", 443)
+GPT2_EOS = "<|endoftext|>"
+
+
+def bundled_gpt2_path() -> Path:
+    """The GPT-2 ``tokenizer.json`` shipped inside the ``glauber`` package (works offline)."""
+    return Path(str(files("glauber") / "assets/gpt2/tokenizer.json"))
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to huggingface.co:443 opens within ``timeout_s`` (a fast offline check)."""
+    try:
+        with socket.create_connection(HF_HOST, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+class HubUnreachableError(ValueError):
+    """Something must come from the Hugging Face hub, which cannot be reached, and nothing is cached."""
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class TextTokenizer(ABC):
+    """Maps text to token ids in ``[0, vocab_size)`` and back."""
+
+    name: str
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added)."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of several texts; subclasses may do this faster than one at a time."""
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a sequence of ids (special tokens are kept, so document boundaries stay visible)."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A stable hex hash identifying the exact id mapping; caches are keyed by it."""
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """A JSON-serialisable description that ``tokenizer_from_state`` turns back into this tokenizer."""
+
+
+class GPT2Tokenizer(TextTokenizer):
+    """GPT-2 byte-level BPE (V = 50257); ``<|endoftext|>`` (50256) serves as both BOS and EOS.
+
+    ``source`` is ``"bundled"`` (the copy shipped with glauber, default), ``"hub"`` (the ``gpt2`` repo
+    on the Hugging Face hub or its local HF cache) or a path to any ``tokenizer.json``.
+    """
+
+    def __init__(self, source: str = "bundled", timeout_s: float = 3.0):
+        from tokenizers import Tokenizer
+
+        if source == "bundled":
+            self._tok = Tokenizer.from_file(str(bundled_gpt2_path()))
+            self.name = "gpt2"
+        elif source == "hub":
+            self._tok = Tokenizer.from_file(str(_hub_gpt2_file(timeout_s)))
+            self.name = "gpt2-hub"
+        else:
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer file {path} not found: use data.tokenizer=gpt2 or a path to a tokenizer.json")
+            self._tok = Tokenizer.from_file(str(path))
+            self.name = f"json:{path.name}"
+        self.source = source
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos = self._tok.token_to_id(GPT2_EOS)
+        self.bos_id = self.eos_id = eos
+        self._fingerprint: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        # Hash only what decides the ids (vocab, merges, added tokens), normalised so that the bundled and
+        # hub copies, and serialisations by different `tokenizers` versions, agree.
+        if self._fingerprint is None:
+            d = json.loads(self._tok.to_str())
+            model = d["model"]
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+            added = sorted((t["id"], t["content"]) for t in d.get("added_tokens", []))
+            self._fingerprint = _sha256({"type": model["type"], "vocab": model["vocab"], "merges": merges, "added": added})
+        return self._fingerprint
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"kind": "gpt2", "source": self.source, "fingerprint": self.fingerprint()}
+        if self.source not in ("bundled", "hub"):
+            state["json"] = self._tok.to_str()  # a custom file travels with the state
+        return state
+
+
+def _hub_gpt2_file(timeout_s: float) -> Path:
+    """The hub's ``gpt2/tokenizer.json``: from the local HF cache if there, else downloaded."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache("gpt2", "tokenizer.json")
+    if isinstance(cached, str):
+        return Path(cached)
+    if not hub_reachable(timeout_s):
+        raise HubUnreachableError(
+            "data.tokenizer=gpt2-hub: huggingface.co is unreachable (no internet) and the HF cache has no gpt2 "
+            "tokenizer; use data.tokenizer=gpt2, the identical copy bundled with glauber"
+        )
+    try:
+        return Path(hf_hub_download("gpt2", "tokenizer.json"))
+    except Exception as e:  # network errors come in many types
+        raise HubUnreachableError(f"data.tokenizer=gpt2-hub: download failed ({e}); use data.tokenizer=gpt2 (bundled)") from e
+
+
+class CharTokenizer(TextTokenizer):
+    """One token per character; the vocabulary is the sorted set of a corpus's characters. No BOS/EOS."""
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if not chars:
+            raise ValueError("a character vocabulary needs at least one character (the corpus is empty)")
+        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise ValueError("a character vocabulary must be distinct single characters")
+        self.chars = chars
+        self._index = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+        self.name = "char"
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._index[c] for c in text]
+        except KeyError as e:
+            raise ValueError(
+                f"character {e.args[0]!r} is not in the {self.vocab_size}-character vocabulary of this corpus; "
+                "remove it from the text or rebuild the vocabulary from a corpus that contains it"
+            ) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def fingerprint(self) -> str:
+        return _sha256({"type": "char", "chars": "".join(self.chars)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "char", "chars": "".join(self.chars)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
+        return cls(list(d["chars"]))
+
+    def state(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> TextTokenizer:
+    """Rebuild a tokenizer from ``TextTokenizer.state()`` (as stored in cache metadata and checkpoints)."""
+    kind = state.get("kind")
+    if kind == "char":
+        return CharTokenizer.from_dict(state)
+    if kind == "gpt2":
+        source = state.get("source", "bundled")
+        if "json" in state:
+            from tokenizers import Tokenizer
+
+            tok = GPT2Tokenizer.__new__(GPT2Tokenizer)
+            tok._tok = Tokenizer.from_str(state["json"])
+            tok.source, tok.name, tok._fingerprint = source, f"json:{Path(source).name}", None
+            tok.vocab_size = tok._tok.get_vocab_size(with_added_tokens=True)
+            tok.bos_id = tok.eos_id = tok._tok.token_to_id(GPT2_EOS)
+        else:
+            tok = GPT2Tokenizer("bundled")  # the hub copy has the same fingerprint; no network needed
+            if tok.fingerprint() != state.get("fingerprint", tok.fingerprint()):
+                tok = GPT2Tokenizer(source)
+        want = state.get("fingerprint")
+        if want is not None and tok.fingerprint() != want:
+            raise ValueError(
+                f"tokenizer fingerprint {tok.fingerprint()[:12]} differs from the recorded {want[:12]}: "
+                "the ids would mean other tokens; supply the original tokenizer.json"
+            )
+        return tok
+    raise ValueError(f"unknown tokenizer state kind {kind!r} (expected 'gpt2' or 'char')")
+
+
+def load_tokenizer(spec: str, corpus_text: str | None = None, path: str | None = None, timeout_s: float = 3.0) -> TextTokenizer:
+    """A tokenizer from a config spec.
+
+    ``gpt2``: the bundled GPT-2 tokenizer. ``gpt2-hub``: the hub's copy. ``char``: characters of
+    ``corpus_text`` (or of the text file at ``path``). Anything else: a path to a ``tokenizer.json``.
+    """
+    if spec == "gpt2":
+        return GPT2Tokenizer("bundled")
+    if spec == "gpt2-hub":
+        return GPT2Tokenizer("hub", timeout_s=timeout_s)
+    if spec == "char":
+        if corpus_text is None and path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"char tokenizer: corpus file {p} not found; pass corpus_text or an existing path")
+            corpus_text = p.read_text(encoding="utf-8")
+        if corpus_text is None:
+            raise ValueError("the char tokenizer needs its corpus: pass corpus_text (or path to a text file)")
+        return CharTokenizer.from_text(corpus_text)
+    p = Path(spec).expanduser()
+    if p.suffix == ".json" or p.exists():
+        return GPT2Tokenizer(str(p))
+    raise ValueError(f"unknown tokenizer {spec!r}: use gpt2, gpt2-hub, char or a path to a tokenizer.json")
