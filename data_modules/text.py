@@ -594,6 +594,17 @@ class TextDataModule(L.LightningDataModule):
             _say(f"rebuilding {cache}: {reason}")
         build_cache(self.cfg, cache, tok, files)
 
+    def check_available(self) -> None:
+        """Fail within seconds, before any training machinery starts, when the data cannot be had:
+        a complete token cache, the local files, or a reachable (or HF-cached) hub dataset."""
+        meta = read_meta(self.cache_path)
+        if meta is not None and stale_reason(self.cache_path, meta, self.cfg, None) is None:
+            return
+        if is_local_source(self.cfg.source):
+            self._corpus_files()
+        elif not hub_reachable(self.cfg.hf_offline_timeout_s) and not _hf_cached(self.cfg.source):
+            raise HubUnreachableError(_offline_message(self.cfg.source, self.cache_path))
+
     def _load_meta(self) -> dict[str, Any]:
         if self._meta is None:
             cache = self.cache_path

@@ -11,7 +11,7 @@ from glauber.config import batch_layout, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["shakespeare.yaml", "owt.yaml", "owt_small.yaml"])
+@pytest.mark.parametrize("name", ["shakespeare.yaml", "tiny.yaml", "owt.yaml", "owt_small.yaml"])
 def test_shipped_configs_load_and_validate(name):
     cfg = load_config(ROOT / "experiments" / name)
     assert cfg.data.seq_len > 0

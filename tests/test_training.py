@@ -22,32 +22,14 @@ CORPUS = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for
 
 
 def tiny_overrides(tmp: Path, run: str, steps: int = 6) -> list[str]:
+    """experiments/tiny.yaml on a small generated corpus, in a temporary run and cache directory."""
     corpus = tmp / "corpus.txt"
     if not corpus.exists():
         corpus.write_text(CORPUS)
-    return [
-        f"data.source={corpus}",
-        f"data.cache_dir={tmp / 'cache'}",
-        "data.seq_len=32",
-        "model.size=tiny",
-        "model.dropout=0.1",
-        "schedule.sweeps=2",
-        "schedule.positions_per_step=2",
-        "process.train_positions_per_step=[1,2,4]",
-        "optim.warmup_steps=2",
-        "optim.ema=0.9",
-        f"train.run_dir={tmp / run}",
-        "train.global_batch_size=4",
-        f"train.max_steps={steps}",
-        "train.ckpt_every_steps=1",
-        "train.val_every_steps=3",
-        "train.val_batches=1",
-        "train.log_every_steps=1",
-        "train.loggers=[csv]",
-        "train.progress_bar=false",
-        "sample.num_samples=1",
-        "train.max_time=null",
-    ]
+    return [f"data.source={corpus}", f"data.cache_dir={tmp / 'cache'}", f"train.run_dir={tmp / run}", f"train.max_steps={steps}"]
+
+
+TINY = ROOT / "experiments" / "tiny.yaml"
 
 
 def state_of(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +37,7 @@ def state_of(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tiny_training_run_writes_everything(tmp_path):
-    cfg = load_config(ROOT / "experiments" / "shakespeare.yaml", tiny_overrides(tmp_path, "run"))
+    cfg = load_config(TINY, tiny_overrides(tmp_path, "run"))
     run = train(cfg)
     for rel in [
         "config.yaml",
@@ -79,14 +61,14 @@ def test_tiny_training_run_writes_everything(tmp_path):
 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     """Uninterrupted 12 steps vs. a process SIGKILLed after step 5 and restarted with the same command."""
-    straight = load_config(ROOT / "experiments" / "shakespeare.yaml", tiny_overrides(tmp_path, "straight", 12))
+    straight = load_config(TINY, tiny_overrides(tmp_path, "straight", 12))
     train(straight)
     args = [
         sys.executable,
         "-m",
         "glauber.cli",
         "train",
-        str(ROOT / "experiments" / "shakespeare.yaml"),
+        str(TINY),
         *tiny_overrides(tmp_path, "killed", 12),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -112,8 +94,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
-    train(load_config(ROOT / "experiments" / "shakespeare.yaml", tiny_overrides(tmp_path, "run", 2)))
-    other = load_config(ROOT / "experiments" / "shakespeare.yaml", [*tiny_overrides(tmp_path, "run", 4), "model.blocks=3"])
+    train(load_config(TINY, tiny_overrides(tmp_path, "run", 2)))
+    other = load_config(TINY, [*tiny_overrides(tmp_path, "run", 4), "model.blocks=3"])
     with pytest.raises(ValueError, match="another configuration.*model.blocks"):
         train(other)
 
@@ -128,7 +110,7 @@ def test_cli_help_train_sample_and_infill(tmp_path, capsys):
     assert main(["config-help"]) == 0
     assert "schedule.alpha_min: float = 0.001" in capsys.readouterr().out
 
-    assert main(["train", str(ROOT / "experiments" / "shakespeare.yaml"), *tiny_overrides(tmp_path, "cli", 2)]) == 0
+    assert main(["train", str(TINY), *tiny_overrides(tmp_path, "cli", 2)]) == 0
     ckpt = tmp_path / "cli" / "checkpoints" / "last.ckpt"
     out_file = tmp_path / "s.txt"
     assert main(["sample", str(ckpt), "--num", "2", "--out", str(out_file), "--device", "cpu"]) == 0
@@ -154,6 +136,20 @@ def test_cli_help_train_sample_and_infill(tmp_path, capsys):
     )
     body = out_file.read_text().split("\n", 1)[1].rstrip("\n")
     assert body.startswith("Line 1") and body.endswith("dog.") and len(body) == 32
-    assert main(["train", str(ROOT / "experiments" / "shakespeare.yaml"), "model.sise=1"]) == 2
+    assert main(["train", str(TINY), "model.sise=1"]) == 2
     assert "unknown config key 'model.sise'" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing.ckpt")]) == 2
+
+
+def test_train_stops_at_once_when_a_hub_dataset_is_unreachable(tmp_path, monkeypatch):
+    import data_modules.text as text
+
+    monkeypatch.setattr(text, "hub_reachable", lambda timeout_s=3.0: False)
+    cfg = load_config(
+        ROOT / "experiments" / "owt_small.yaml",
+        [f"data.cache_dir={tmp_path / 'cache'}", f"train.run_dir={tmp_path / 'owt'}", "data.source=nobody/no-such-dataset"],
+    )
+    start = time.time()
+    with pytest.raises(ValueError, match="unreachable.*data.source=/path/to/local/files"):
+        train(cfg)
+    assert time.time() - start < 5 and not (tmp_path / "owt").exists()

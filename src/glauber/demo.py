@@ -30,7 +30,8 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
     L = cfg.data.seq_len
     m = cfg.sample.positions_per_step
     t1 = time.time()
-    uncond = generate(module, 4, 4, seed=1, positions_per_step=m)
+    opts = {"positions_per_step": m, "temperature": cfg.sample.temperature, "top_p": cfg.sample.top_p}
+    uncond = generate(module, 4, 4, seed=1, **opts)
     sample_s = time.time() - t1
 
     text = Path(cfg.data.source).read_text()
@@ -40,7 +41,7 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
         passage = val_text[start : start + L]
         prefix, middle, suffix = passage[: L // 3], passage[L // 3 : L - L // 3], passage[L - L // 3 :]
         template, clamp = infill_template(tok, L, cfg.data.wrap, prefix, suffix)
-        ids = generate(module, 1, 1, seed=10 + k, template=template, clamp=clamp, positions_per_step=m)
+        ids = generate(module, 1, 1, seed=10 + k, template=template, clamp=clamp, **opts)
         filled = tok.decode(ids[0].tolist())
         infills.append((prefix, middle, suffix, filled[len(prefix) : L - len(suffix)]))
 
@@ -59,7 +60,8 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
         f"V = {module.vocab_size}, K = {cfg.schedule.sweeps} sweeps",
         f"- trained {step} optimizer steps, batch {cfg.train.global_batch_size}, in {train_s / 60:.1f} min on "
         f"{torch.get_num_threads()} CPU threads; final train loss {train_loss:.4f}, validation loss (EMA) {val_loss:.4f}",
-        f"- sampling: m = {m} positions per network call, {cfg.schedule.sweeps * L // m} network calls per sample; "
+        f"- sampling: m = {m} positions per network call, {cfg.schedule.sweeps * L // m} network calls per sample, "
+        f"temperature {cfg.sample.temperature}, top-p {cfg.sample.top_p}; "
         f"4 samples in {sample_s:.1f} s",
         "",
         "![loss](plots/loss.png)",

@@ -128,10 +128,11 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> Path:
     container = OmegaConf.to_container(cfg, resolve=True)
     if ckpt is not None:
         check_compatible(ckpt, container)
+    dm = build_datamodule(cfg, per_device, accumulate)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        dm.check_available()  # missing data stops the run here, in seconds, with what to do
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
-    dm = build_datamodule(cfg, per_device, accumulate)
     module = method_class(cfg.method)(container)
     trainer = build_trainer(cfg, run_dir, accumulate, extra_callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
