@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    import torch
+
+    torch.set_flush_denormal(True)  # tiny weights (e.g. a tied head) must not hit the slow denormal path on CPU
     try:
         if args.command == "train":
             from glauber.config import load_config
