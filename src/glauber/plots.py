@@ -28,6 +28,15 @@ def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def _save(fig: plt.Figure, out_png: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_loss_curves(csv_path: str | Path, out_png: str | Path) -> Path | None:
     """Training and validation loss against optimizer steps."""
     s = read_metrics(csv_path)
@@ -47,12 +56,7 @@ def plot_loss_curves(csv_path: str | Path, out_png: str | Path) -> Path | None:
     ax.set_ylabel("loss per hidden position")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out_png)
 
 
 def plot_loss_by_noise(bucket_losses: dict[int, float], num_buckets: int, step: int, out_png: str | Path) -> Path:
@@ -64,9 +68,4 @@ def plot_loss_by_noise(bucket_losses: dict[int, float], num_buckets: int, step: 
     ax.set_ylabel("validation loss")
     ax.set_title(f"validation loss by noise level (step {step})")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out_png)
