@@ -21,6 +21,7 @@ try:  # optional, never required
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
+ALPHA_SCALE = 10.0  # per-position signal levels: at most 10 rad per unit of alpha
 SIZES: dict[str, tuple[int, int, int]] = {  # width, blocks, heads
     "tiny": (64, 2, 2),
     "demo": (192, 4, 4),
@@ -36,7 +37,8 @@ class ModelConfig:
     condition_on_alpha: add an embedding of each position's signal level ``alpha_i(t)`` to its
         token embedding (richer than the step alone; lets infilling mark clamped positions clean).
     tie_head: share the output head with the token embedding (off by default).
-    attention: ``sdpa`` (PyTorch) or ``flash`` (flash-attn when installed, on CUDA; else SDPA).
+    attention: ``auto`` (flash-attn when installed and running on CUDA in 16 bits, else PyTorch SDPA),
+        ``sdpa`` (always PyTorch), ``flash`` (same as auto; flash-attn is never required).
     """
 
     size: str = "tiny"
@@ -46,9 +48,9 @@ class ModelConfig:
     cond_dim: int = 128
     mlp_ratio: int = 4
     dropout: float = 0.1
-    condition_on_alpha: bool = True
+    condition_on_alpha: bool = False
     tie_head: bool = False
-    attention: str = "sdpa"
+    attention: str = "auto"
 
     def resolved(self) -> tuple[int, int, int]:
         if self.size not in SIZES:
@@ -57,16 +59,16 @@ class ModelConfig:
         w, b, h = self.width or w, self.blocks or b, self.heads or h
         if w % h or (w // h) % 2:
             raise ValueError(f"model.width ({w}) must be a multiple of model.heads ({h}) with an even head size")
-        if self.attention not in ("sdpa", "flash"):
-            raise ValueError(f"model.attention must be 'sdpa' or 'flash' (got {self.attention!r})")
+        if self.attention not in ("auto", "sdpa", "flash"):
+            raise ValueError(f"model.attention must be 'auto', 'sdpa' or 'flash' (got {self.attention!r})")
         return w, b, h
 
 
-def timestep_features(time: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal features of a scalar per row (``time`` scaled to ``[0, 1000]``)."""
+def timestep_features(time: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal features of a scalar in ``[0, 1]`` per row, the scalar first multiplied by ``scale``."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=time.device, dtype=torch.float32) / half)
-    args = 1000.0 * time.float()[..., None] * freqs
+    args = scale * time.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -126,7 +128,7 @@ class Block(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
-        if self.attention == "flash" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if self.attention != "sdpa" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return flash_attn_func(q, k, v, dropout_p=p, causal=False)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p)
         return out.transpose(1, 2)
@@ -183,7 +185,8 @@ class DDiT(nn.Module):
         if self.alpha_embed is not None:
             if alpha is None:
                 raise ValueError("this model was built with condition_on_alpha=True: pass alpha [B, L]")
-            x = x + self.alpha_embed(timestep_features(alpha.reshape(-1), 64).view(*alpha.shape, 64))
+            # Smooth (low-frequency) features: neighbouring signal levels must map to similar inputs.
+            x = x + self.alpha_embed(timestep_features(alpha.reshape(-1), 64, scale=ALPHA_SCALE).view(*alpha.shape, 64))
         c = F.silu(self.time_mlp(timestep_features(time, 256)))
         cos, sin = self.rotary(x_in.shape[1], x_in.device)
         for block in self.blocks:
