@@ -110,7 +110,8 @@ def test_cli_help_train_sample_and_infill(tmp_path, capsys):
     assert main(["config-help"]) == 0
     assert "schedule.alpha_min: float = 0.001" in capsys.readouterr().out
 
-    assert main(["train", str(TINY), *tiny_overrides(tmp_path, "cli", 2)]) == 0
+    # the per-position signal-level input, through training, sampling and "clamped = clean" infilling
+    assert main(["train", str(TINY), *tiny_overrides(tmp_path, "cli", 2), "model.condition_on_alpha=true"]) == 0
     ckpt = tmp_path / "cli" / "checkpoints" / "last.ckpt"
     out_file = tmp_path / "s.txt"
     assert main(["sample", str(ckpt), "--num", "2", "--out", str(out_file), "--device", "cpu"]) == 0

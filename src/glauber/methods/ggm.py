@@ -52,20 +52,23 @@ class GGMModule(DiffusionModule):
         ``clean_mask`` (infilling) are shown to the network as fully clean (signal level 1)."""
 
         def f(x_in: Tensor, hidden: Tensor, t: Tensor) -> Tensor:
-            alpha = schedule.signal_level(t).float()
-            if clean_mask is not None:
+            alpha = self.signal_levels(schedule, t)
+            if alpha is not None and clean_mask is not None:
                 alpha = alpha.masked_fill(clean_mask.to(alpha.device).expand_as(alpha), 1.0)
             return self.model(x_in, hidden, (t.float() + 1) / schedule.num_steps, alpha)
 
         return f
+
+    def signal_levels(self, schedule: GlauberSchedule, t: Tensor) -> Tensor | None:
+        """``alpha_i(t)`` for the network, only when it was built to read them."""
+        return schedule.signal_level(t).float() if self.model.alpha_embed is not None else None
 
     def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         m_idx = int(torch.randint(len(self.train_ms), (1,), generator=generator, device=generator.device))
         sched = self.schedule(self.train_ms[m_idx])
         law = self.law.to(batch.device)
         ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator)
-        alpha = sched.signal_level(ex.t).float()
-        h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, alpha)
+        h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
         per = ggm_loss(self.cfg.process.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator)
         per_row = per.view(batch.shape[0], -1).mean(1)
         return per_row.mean(), {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
