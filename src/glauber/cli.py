@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_config_help(sub)
     from glauber.bench import add_bench_parser
+    from glauber.evaluate import add_eval_ppl_parser
 
     add_bench_parser(sub)
+    add_eval_ppl_parser(sub)
     return parser
 
 
@@ -138,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.config, args.out, args.overrides)
         elif args.command == "config-help":
             print(config_help())
+        elif args.command == "eval-ppl":
+            from glauber.evaluate import eval_ppl_command
+
+            eval_ppl_command(args)
         elif args.command == "bench":
             from glauber.bench import bench_command
 

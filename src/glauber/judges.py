@@ -1,0 +1,93 @@
+"""Judge language models for generative perplexity, and the evaluation of decoded samples.
+
+A judge is any Hugging Face causal LM, by hub name (``gpt2-large``, the default) or local directory,
+or a GGUF file through ``transformers`` (``gguf_file=``); loaded once per process, float32, eval mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from data_modules.tokenizers import HubUnreachableError, hub_reachable
+from glauber.metrics import GenerativePerplexity, UnigramEntropy
+
+
+def _hub_cached(name: str) -> bool:
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / ("models--" + name.replace("/", "--"))).exists()
+
+
+class HFJudge:
+    """``judge(ids, mask) -> logits`` for a causal LM, with its tokenizer, EOS id and context length."""
+
+    def __init__(
+        self, name_or_path: str, device: str | torch.device = "cpu", gguf_file: str | None = None, timeout_s: float = 3.0
+    ) -> None:
+        if not Path(name_or_path).is_dir() and not _hub_cached(name_or_path) and not hub_reachable(timeout_s):
+            raise HubUnreachableError(
+                f"judge {name_or_path!r} is not a local directory, not in the Hugging Face cache, and the hub is "
+                "unreachable (no internet?). Pass --judge /path/to/a/local/model_dir (save_pretrained of e.g. "
+                "gpt2-large, made on a machine with internet), or a GGUF file with --judge-gguf"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        self.name = name_or_path if not gguf_file else f"{name_or_path}:{gguf_file}"
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
+        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kw).to(device).eval()
+        self.device = torch.device(device)
+        self.eos_id = self.tokenizer.eos_token_id
+        n_ctx = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", 1024)
+        self.max_length = min(int(n_ctx), 1024)
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long()).logits
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Right-padded judge token ids and their mask, each text cut to the judge's context."""
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
+        width = max(1, max(len(r) for r in rows))
+        pad = self.eos_id if self.eos_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = True
+        return ids, mask
+
+
+@functools.lru_cache(maxsize=4)
+def load_judge(name_or_path: str, device: str = "cpu", gguf_file: str | None = None) -> HFJudge:
+    """The judge, loaded once per process and kept."""
+    return HFJudge(name_or_path, device, gguf_file)
+
+
+def evaluate_texts(texts: list[str], judge: HFJudge, sample_ids: Tensor | None = None, batch_size: int = 8) -> dict[str, float]:
+    """Generative perplexity of decoded samples under ``judge`` (both averages) and the unigram entropy
+    of the samples' own token ids (of the judge's tokens when ``sample_ids`` is not given)."""
+    ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length)
+    entropy = UnigramEntropy()
+    for start in range(0, len(texts), batch_size):
+        ids, mask = judge.encode(texts[start : start + batch_size])
+        ppl.update(ids, mask)
+        if sample_ids is None:
+            for row, m in zip(ids, mask):
+                entropy.update(row[m][None])
+    if sample_ids is not None:
+        entropy.update(sample_ids)
+    res = ppl.compute()
+    return {
+        "gen_ppl": float(res["gen_ppl"]),
+        "gen_ppl_per_seq": float(res["gen_ppl_per_seq"]),
+        "scored_tokens": int(res["scored_tokens"]),
+        "unigram_entropy": float(entropy.compute()),
+        "num_samples": len(texts),
+        "judge": judge.name,
+    }
