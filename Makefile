@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.glauber-installed
 PYTHON ?= python3
 
-.PHONY: venv test test-all lint demo bench train-owt train-owt-small clean
+.PHONY: venv test test-all lint demo bench eval-ppl train-owt train-owt-small clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ train-owt: $(STAMP)  ## the paper's OpenWebText setting (medium) on all local GP
 
 train-owt-small: $(STAMP)  ## OpenWebText with the DDiT-small backbone
 	$(VENV)/bin/glauber train experiments/owt_small.yaml $(ARGS)
+
+eval-ppl: $(STAMP)  ## generative perplexity of a checkpoint: make eval-ppl CKPT=runs/x/checkpoints/last.ckpt ARGS="--judge gpt2-large"
+	@test -n "$(CKPT)" || { echo "usage: make eval-ppl CKPT=path/to/last.ckpt [ARGS='--judge gpt2-large --num-samples 256']"; exit 2; }
+	$(VENV)/bin/glauber eval-ppl $(CKPT) $(ARGS)
 
 bench: $(STAMP)  ## speed benchmark (see docs/BENCHMARKS.md); e.g. make bench ARGS="--size small"
 	$(VENV)/bin/glauber bench $(ARGS)

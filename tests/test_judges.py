@@ -90,3 +90,31 @@ def test_eval_ppl_command_end_to_end(judge_dir, tmp_path):
     assert report["num_samples"] == 3 and report["final_draw"] == "float64" and report["network_calls"] == 32
     assert report["gen_ppl"] > 1 and report["scored_tokens"] > 0
     assert out.with_suffix(".samples.txt").read_text().count("--- sample") == 3
+
+
+def test_training_logs_gen_ppl_every_k_steps(judge_dir, tmp_path):
+    import json
+    from pathlib import Path
+
+    from glauber.config import load_config
+    from glauber.train import train
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"Line {i}: the quick brown fox.\n" for i in range(200)))
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml",
+        [
+            f"data.source={corpus}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.max_steps=4",
+            f"eval.judge={judge_dir}",
+            "eval.every_steps=2",
+            "eval.num_samples=2",
+        ],
+    )
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "eval" / "gen_ppl.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["gen_ppl"] > 1 and r["num_samples"] == 2 and r["unigram_entropy"] > 0 for r in rows)
+    assert "eval/gen_ppl" in (run / "logs" / "metrics.csv").read_text().splitlines()[0]

@@ -54,6 +54,45 @@ class ValidationSamples(Callback):
                 exp.add_text("samples", "\n\n".join(f"    {t}".replace("\n", "\n    ") for t in texts), trainer.global_step)
 
 
+class GenerativePerplexityEval(Callback):
+    """Every ``every_steps`` optimizer steps, rank 0 samples with the EMA weights and logs the judge's
+    ``eval/gen_ppl``, ``eval/gen_ppl_per_seq`` and ``eval/entropy`` (also appended to ``eval/gen_ppl.jsonl``)."""
+
+    def __init__(
+        self, run_dir: str | Path, judge: str, every_steps: int, num_samples: int, sample_options: dict[str, Any]
+    ) -> None:
+        self.out = Path(run_dir) / "eval" / "gen_ppl.jsonl"
+        self.judge_name, self.every, self.num, self.options = judge, every_steps, num_samples, sample_options
+        self._last = -1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every or step == self._last or not trainer.is_global_zero:
+            return
+        self._last = step
+        import json
+
+        from glauber.judges import evaluate_texts, load_judge
+
+        judge = load_judge(self.judge_name, str(pl_module.device))
+        gen = torch.Generator(device=pl_module.device).manual_seed(pl_module.cfg.train.seed + 999)
+        ids = pl_module.sample(self.num, generator=gen, **{**self.options, "float64": True})
+        dm = trainer.datamodule
+        report = evaluate_texts([dm.decode(r.tolist()) for r in ids.cpu()], judge, sample_ids=ids.cpu())
+        metrics = {
+            "eval/gen_ppl": report["gen_ppl"],
+            "eval/gen_ppl_per_seq": report["gen_ppl_per_seq"],
+            "eval/entropy": report["unigram_entropy"],
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with self.out.open("a") as f:
+            f.write(json.dumps({"step": step, **report}) + "\n")
+
+
 class LossByNoisePlot(Callback):
     """Saves ``<run_dir>/plots/val_loss_by_noise.png`` from the logged ``val/loss_t{k}`` values."""
 

@@ -75,6 +75,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generative perplexity during training: every ``every_steps`` optimizer steps, rank 0 draws
+    ``num_samples`` samples (EMA weights, float64 draws) and scores them with ``judge`` (a hub name or
+    local directory of a causal LM; off when None). Logged as ``eval/*`` and to ``<run_dir>/eval/gen_ppl.jsonl``."""
+
+    judge: str | None = None
+    every_steps: int = 10_000
+    num_samples: int = 16
+
+
+@dataclass
 class SampleConfig:
     """Sampling during validation and by default in ``glauber sample``."""
 
@@ -96,6 +107,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.text import TextDataModule
-from glauber.callbacks import LossByNoisePlot, Throughput, ValidationSamples
+from glauber.callbacks import GenerativePerplexityEval, LossByNoisePlot, Throughput, ValidationSamples
 from glauber.checkpoint import AtomicCheckpointIO, check_compatible, latest_checkpoint
 from glauber.config import batch_layout
 from glauber.methods import method_class
@@ -75,6 +75,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
         LossByNoisePlot(run_dir),
         *(extra_callbacks or []),
     ]
+    if cfg.eval.judge:
+        callbacks.append(
+            GenerativePerplexityEval(run_dir, cfg.eval.judge, cfg.eval.every_steps, cfg.eval.num_samples, sample_options(cfg))
+        )
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
