@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from glauber.inference import format_samples
 from glauber.plots import plot_loss_by_noise
 
 
@@ -46,8 +47,8 @@ class ValidationSamples(Callback):
         dm = trainer.datamodule
         texts = [dm.decode(row.tolist()) for row in ids.cpu()]
         self.dir.mkdir(parents=True, exist_ok=True)
-        body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
-        (self.dir / f"step_{trainer.global_step:08d}.txt").write_text(body + "\n")
+        body = format_samples(texts)
+        (self.dir / f"step_{trainer.global_step:08d}.txt").write_text(body)
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)
             if hasattr(exp, "add_text"):

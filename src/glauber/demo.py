@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from glauber.config import load_config
-from glauber.inference import checkpoint_tokenizer, generate, infill_template, load_checkpoint
+from glauber.inference import checkpoint_tokenizer, format_samples, generate, infill_template, load_checkpoint
 from glauber.plots import read_metrics
 from glauber.train import train
 
@@ -46,7 +46,7 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
         infills.append((prefix, middle, suffix, filled[len(prefix) : L - len(suffix)]))
 
     samples = [tok.decode(r.tolist()) for r in uncond]
-    (run_dir / "samples.txt").write_text("\n\n".join(f"--- sample {i} ---\n{s}" for i, s in enumerate(samples)) + "\n")
+    (run_dir / "samples.txt").write_text(format_samples(samples))
     metrics = read_metrics(run_dir / "logs" / "metrics.csv")
     last = lambda k: metrics[k][-1] if metrics.get(k) else (None, float("nan"))  # noqa: E731
     step, train_loss = last("train/loss")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from glauber.inference import checkpoint_tokenizer, generate, load_checkpoint
+from glauber.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
 from glauber.judges import evaluate_texts, load_judge
 
 
@@ -69,5 +69,5 @@ def eval_ppl_command(args: argparse.Namespace) -> dict:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
-        out.with_suffix(".samples.txt").write_text("\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n")
+        out.with_suffix(".samples.txt").write_text(format_samples(texts))
     return report

@@ -13,6 +13,11 @@ from data_modules.tokenizers import TextTokenizer, tokenizer_from_state
 from glauber.methods import DiffusionModule, method_class
 
 
+def format_samples(texts: list[str]) -> str:
+    """The one text layout of samples everywhere they are written: numbered, blank-line separated."""
+    return "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n"
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DiffusionModule:
     """The LightningModule of a ``glauber train`` checkpoint, in eval mode, EMA weights loaded by default."""
     path = Path(path)
@@ -94,7 +99,7 @@ def sample_command(args: argparse.Namespace) -> None:
         template, clamp = infill_template(tok, module.cfg.data.seq_len, module.cfg.data.wrap, args.prefix, args.suffix)
     ids = generate(module, args.num, args.batch_size, args.seed, template, clamp, **options)
     texts = [tok.decode(row.tolist()) for row in ids]
-    body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n"
+    body = format_samples(texts)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(body)
