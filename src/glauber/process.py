@@ -103,6 +103,6 @@ def make_training_example(
     pi = schedule.pi_phi(t)
     pos, order = pos.sort(dim=1)
     pi = pi.gather(1, order)
-    mask = torch.zeros_like(x0, dtype=torch.bool).scatter_(1, pos, True)
+    mask = schedule.hidden_mask(t)
     x_in = xt.masked_fill(mask, hidden_id)
     return TrainingExample(x_in, mask, pos, xt.gather(1, pos), t, pi)

@@ -36,6 +36,7 @@ class GGMModule(DiffusionModule):
         base = self.cfg.schedule.positions_per_step
         self.train_ms = sorted(set(p.train_positions_per_step) or {base})
         self._schedules: dict[int, GlauberSchedule] = {}
+        self._laws: dict[torch.device, NoiseLaw] = {}
         self.val_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_BUCKETS))
         self.val_loss = MeanMetric()
 
@@ -46,6 +47,12 @@ class GGMModule(DiffusionModule):
             sc = OmegaConf.merge(self.cfg.schedule, {"positions_per_step": m})
             self._schedules[m] = GlauberSchedule.from_config(sc, self.cfg.data.seq_len)
         return self._schedules[m]
+
+    def law_on(self, device: torch.device) -> NoiseLaw:
+        """The noise law on ``device``, moved (and validated) once rather than at every step."""
+        if device not in self._laws:
+            self._laws[device] = self.law.to(device)
+        return self._laws[device]
 
     def denoiser(self, schedule: GlauberSchedule, clean_mask: Tensor | None = None) -> Denoiser:
         """Adapt the network to the sampler's ``f(x_in, hidden_mask, t) -> h``. Positions in
@@ -66,7 +73,7 @@ class GGMModule(DiffusionModule):
     def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         m_idx = int(torch.randint(len(self.train_ms), (1,), generator=generator, device=generator.device))
         sched = self.schedule(self.train_ms[m_idx])
-        law = self.law.to(batch.device)
+        law = self.law_on(batch.device)
         ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator)
         h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
         per = ggm_loss(self.cfg.process.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator)
@@ -107,7 +114,7 @@ class GGMModule(DiffusionModule):
         """Unconditional samples, or infilling when ``template`` and ``clamp_mask`` are given.
         ``options``: temperature, top_p, float64 (the final categorical draw)."""
         sched = self.schedule(positions_per_step)
-        law = self.law.to(self.device)
+        law = self.law_on(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
