@@ -8,7 +8,7 @@ PYTHON ?= python3
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,fid]'
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## create/update the virtual environment

@@ -36,6 +36,22 @@ class ProcessConfig:
 
 
 @dataclass
+class MaskedDiffusionConfig:
+    """MDLM baseline (``method: mdlm``): absorbing-state diffusion, log-linear schedule
+    ``alpha(t) = 1 - (1 - eps) t``, continuous-time NELBO (cross-entropy on masked positions, weight 1/t).
+
+    sampler: ``ancestral`` (one network call per step) or ``cache`` (MDLM's caching: a step that
+        unmasks nothing reuses the previous output; the network is then time-independent).
+    steps: denoising steps of the sampler; None = ``data.seq_len``.
+    """
+
+    eps: float = 1e-3
+    time_conditioning: bool = False
+    sampler: str = "cache"
+    steps: int | None = None
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -104,6 +120,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
+    mdlm: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -145,6 +162,16 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"process.noise must be 'uniform' or 'unigram' (got {cfg.process.noise!r})")
     if cfg.process.loss not in ("analytic", "single_sample", "cross_entropy"):
         raise ValueError(f"process.loss must be analytic, single_sample or cross_entropy (got {cfg.process.loss!r})")
+    from glauber.methods import METHODS
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)} (got {cfg.method!r})")
+    if cfg.mdlm.sampler not in ("ancestral", "cache"):
+        raise ValueError(f"mdlm.sampler must be 'ancestral' or 'cache' (got {cfg.mdlm.sampler!r})")
+    if not 0 < cfg.mdlm.eps < 1:
+        raise ValueError(f"mdlm.eps must be in (0, 1) (got {cfg.mdlm.eps})")
+    if cfg.mdlm.steps is not None and cfg.mdlm.steps < 1:
+        raise ValueError(f"mdlm.steps must be >= 1 (got {cfg.mdlm.steps})")
     if cfg.optim.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.lr_schedule must be 'constant' or 'cosine' (got {cfg.optim.lr_schedule!r})")
     if not 0 <= cfg.optim.ema < 1:

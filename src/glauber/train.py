@@ -34,9 +34,23 @@ def world_size(cfg: DictConfig) -> int:
     return int(devices) * int(cfg.train.num_nodes)
 
 
-def build_datamodule(cfg: DictConfig, per_device: int, accumulate: int) -> TextDataModule:
+def build_datamodule(cfg: DictConfig, per_device: int, accumulate: int) -> L.LightningDataModule:
+    """The text DataModule, or the VQ-token image DataModule for ``modality: image`` configs."""
     max_train = cfg.train.max_steps * accumulate * per_device
+    if cfg.get("modality", "text") == "image":
+        from data_modules.images import ImageTokenDataModule
+
+        return ImageTokenDataModule(OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=max_train)
     return TextDataModule(OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=max_train)
+
+
+def sample_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    """What is written at validation: decoded text samples, or decoded image grids (+ FID) for images."""
+    if cfg.get("modality", "text") == "image":
+        from glauber.image_callbacks import image_callbacks
+
+        return image_callbacks(cfg, run_dir)
+    return [ValidationSamples(run_dir, cfg.sample.num_samples, sample_options(cfg))]
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -71,7 +85,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
             dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False
         ),
         Throughput(),
-        ValidationSamples(run_dir, cfg.sample.num_samples, sample_options(cfg)),
+        *sample_callbacks(cfg, run_dir),
         LossByNoisePlot(run_dir),
         *(extra_callbacks or []),
     ]
