@@ -11,7 +11,20 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Config sections that define what a checkpoint *is*: resuming or sampling with other values is refused.
-STRUCTURAL_KEYS = ("method", "data.seq_len", "data.tokenizer", "model", "schedule", "process")
+STRUCTURAL_KEYS = (
+    "method", "data.seq_len", "data.tokenizer", "model", "schedule", "process", "mdlm.eps", "mdlm.time_conditioning",
+)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (identifies e.g. the VQ tokenizer a model was trained with)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -87,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_config_help(sub)
     from glauber.bench import add_bench_parser
+    from glauber.compare import add_compare_parser
     from glauber.evaluate import add_eval_ppl_parser
 
     add_bench_parser(sub)
     add_eval_ppl_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             from glauber.evaluate import eval_ppl_command
 
             eval_ppl_command(args)
+        elif args.command == "compare":
+            from glauber.compare import compare_command
+
+            compare_command(args)
         elif args.command == "bench":
             from glauber.bench import bench_command
 

@@ -113,8 +113,26 @@ class SampleConfig:
 
 
 @dataclass
+class ImageConfig:
+    """Image runs (``modality: image``): what is drawn at validation and FID during training.
+
+    infill_region: the token-grid region regenerated in the validation grid's infilling rows
+        (center | bottom | right). fid_every_steps: 0 = off. fid_reference: an image folder/.npz,
+        a statistics .npz from ``glauber eval-fid --make-stats``, or a clean-fid name such as
+        ``ffhq:256:trainval70k``; None = the training source. fid_route: bundled | clean-fid | auto.
+    """
+
+    infill_region: str = "center"
+    fid_every_steps: int = 0
+    fid_num_samples: int = 1000
+    fid_reference: str | None = None
+    fid_route: str = "auto"
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
+    modality: str = "text"
     method: str = "ggm"
     data: TextDataConfig = field(default_factory=TextDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,20 +145,39 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def image_experiment_config() -> type:
+    """The typed root of ``modality: image`` configs: image data (VQ token grids) and an ``image`` section."""
+    from data_modules.images import ImageDataConfig
+
+    @dataclass
+    class ImageExperimentConfig(ExperimentConfig):
+        modality: str = "image"
+        data: ImageDataConfig = field(default_factory=ImageDataConfig)  # type: ignore[assignment]
+        image: ImageConfig = field(default_factory=ImageConfig)
+
+    return ImageExperimentConfig
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Merge a YAML file and ``key=value`` overrides onto the typed defaults, then validate."""
-    cfg = OmegaConf.structured(ExperimentConfig)
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like key=value (got {bad})")
+    raw = OmegaConf.create()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found; the shipped ones are in experiments/*.yaml")
+        raw = OmegaConf.load(p)
+    modality = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides)).get("modality", "text")
+    if modality not in ("text", "image"):
+        raise ValueError(f"modality must be 'text' or 'image' (got {modality!r})")
+    cfg = OmegaConf.structured(image_experiment_config() if modality == "image" else ExperimentConfig)
     try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise FileNotFoundError(f"config file {p} not found; the shipped ones are in experiments/*.yaml")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        cfg = OmegaConf.merge(cfg, raw)
         if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ValueError(f"overrides must look like key=value (got {bad})")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except (ConfigKeyError, ConfigAttributeError) as e:
         raise ValueError(f"unknown config key {e.full_key!r}: {e.msg.splitlines()[0]} (see `glauber config-help`)") from None
     except ValidationError as e:
@@ -177,6 +214,14 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= cfg.optim.ema < 1:
         raise ValueError(f"optim.ema must be in [0, 1) (got {cfg.optim.ema})")
     ModelConfig(**OmegaConf.to_container(cfg.model)).resolved()
+    if cfg.modality == "image":
+        im = cfg.image
+        if im.infill_region not in ("center", "bottom", "right"):
+            raise ValueError(f"image.infill_region must be center, bottom or right (got {im.infill_region!r})")
+        if im.fid_route not in ("auto", "bundled", "clean-fid"):
+            raise ValueError(f"image.fid_route must be auto, bundled or clean-fid (got {im.fid_route!r})")
+        if im.fid_every_steps < 0 or im.fid_num_samples < 2:
+            raise ValueError("image.fid_every_steps must be >= 0 and image.fid_num_samples >= 2")
     if cfg.train.global_batch_size < 1:
         raise ValueError("train.global_batch_size must be >= 1")
 

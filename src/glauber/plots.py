@@ -69,3 +69,32 @@ def plot_loss_by_noise(bucket_losses: dict[int, float], num_buckets: int, step: 
     ax.set_title(f"validation loss by noise level (step {step})")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, out_png)
+
+
+def plot_comparison(rows: list[dict], labels: dict[str, str], out_png: str | Path) -> Path:
+    """Generative perplexity and entropy against network calls, and gen-PPL against sampling time.
+    Rows with one point (AR, real text) are drawn as horizontal references."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for name in methods:
+        pts = sorted((r for r in rows if r["method"] == name), key=lambda r: r["nfe"])
+        label = labels.get(name, name)
+        if name in ("real", "ar"):
+            style = dict(color="k" if name == "real" else "tab:gray", ls="--" if name == "real" else ":", lw=1.4)
+            for ax, key in ((axes[0], "gen_ppl"), (axes[1], "entropy"), (axes[2], "gen_ppl")):
+                ax.axhline(pts[0][key], label=f"{label} (NFE {pts[0]['nfe']})" if name == "ar" else label, **style)
+            continue
+        nfe = [r["nfe"] for r in pts]
+        axes[0].plot(nfe, [r["gen_ppl"] for r in pts], "o-", label=label)
+        axes[1].plot(nfe, [r["entropy"] for r in pts], "o-", label=label)
+        axes[2].plot([r["sample_s"] / r["num_samples"] for r in pts], [r["gen_ppl"] for r in pts], "o-", label=label)
+    for ax, (xl, yl) in zip(axes, [("network calls", "generative perplexity"), ("network calls", "unigram entropy (nats)"),
+                                    ("sampling seconds per sample", "generative perplexity")]):
+        ax.set_xscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    return _save(fig, out_png)
