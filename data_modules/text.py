@@ -20,6 +20,13 @@ serves every ``seq_len`` and ``wrap``:
 Validation: ``val_source`` when given; else a hub dataset's ``validation`` split, or the last
 ``val_documents`` documents of its train split (MDLM's OWT protocol); else (local files) the last
 ``val_fraction`` of the token stream.
+
+Several processes (DDP, any number of nodes): the cache is built once, by global rank 0
+(``prepare_data_per_node = False``), while the others wait; every node then reads the same files, so
+``cache_dir`` must be on a filesystem all nodes share (or hold a copy of a complete cache on each node).
+Each rank reads its own share of the training and validation sequences (see ``TextDataModule``). There
+is no streaming mode: hub datasets are downloaded and tokenised into the cache once (so
+``datasets.distributed.split_dataset_by_node`` has no use here); sharding is by sequence index.
 """
 
 from __future__ import annotations
@@ -545,6 +552,9 @@ class TextDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         self.cfg = cfg
+        # Global rank 0 alone builds the cache: with one builder per node, nodes sharing a filesystem would
+        # write the same directory at once (each build also removes another's leftovers).
+        self.prepare_data_per_node = False
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.max_train_samples = max_train_samples
@@ -611,7 +621,11 @@ class TextDataModule(L.LightningDataModule):
             meta = read_meta(cache)
             if meta is None or stale_reason(cache, meta, self.cfg, None) is not None:
                 if _rank_world(self.trainer)[1] > 1:
-                    raise FileNotFoundError(f"token cache {cache} is missing or incomplete: run prepare_data() first")
+                    raise FileNotFoundError(
+                        f"token cache {cache} is missing or incomplete on this process (rank {_rank_world(self.trainer)[0]}): "
+                        "global rank 0 builds it once, so data.cache_dir must be on a filesystem shared by all nodes, "
+                        "or a complete cache must be copied to the same path on every node beforehand"
+                    )
                 self.prepare_data()
                 meta = read_meta(cache)
             check_meta(cache, meta, self.cfg, self._spec_tokenizer())

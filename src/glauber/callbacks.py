@@ -1,7 +1,14 @@
-"""Training callbacks: throughput in the progress bar, text samples and noise-level plots at validation."""
+"""Training callbacks: throughput, text samples and gen-PPL shared out over DDP ranks, noise-level plots, the run
+banner, and checkpoint + requeue on SLURM's warning signal."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,21 +38,52 @@ class Throughput(Callback):
             pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
 
+def rank_share(total: int, rank: int, world: int) -> int:
+    """How many of ``total`` items rank ``rank`` of ``world`` takes: the first ``total % world`` ranks one more."""
+    return total // world + (1 if rank < total % world else 0)
+
+
+def gather_rows(trainer: L.Trainer, ids: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``[n_r, L]`` token ids, concatenated in rank order, on every rank (CPU). ``n_r`` may
+    differ between ranks (and be 0), so this goes through ``all_gather_object``."""
+    ids = ids.detach().cpu()
+    if trainer.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ids
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, ids)
+    return torch.cat(parts, 0)
+
+
+def draw_share(pl_module: L.LightningModule, trainer: L.Trainer, total: int, seed: int, options: dict[str, Any]) -> torch.Tensor:
+    """This rank's share of ``total`` samples, drawn with its own seed (``seed + rank``: rank 0 draws what a
+    single process draws), as ``[n_r, L]`` ids on the module's device."""
+    n = rank_share(total, trainer.global_rank, trainer.world_size)
+    if n == 0:
+        return torch.empty(0, pl_module.cfg.data.seq_len, dtype=torch.long, device=pl_module.device)
+    gen = torch.Generator(device=pl_module.device).manual_seed(seed + trainer.global_rank)
+    return pl_module.sample(n, generator=gen, **options)
+
+
 class ValidationSamples(Callback):
-    """At each validation, rank 0 draws a few samples with the EMA weights, decodes them and writes
-    ``<run_dir>/samples/step_XXXXXXXX.txt`` (also logged as TensorBoard text)."""
+    """At each validation every rank draws its share of ``num_samples`` samples with the EMA weights (rank r
+    with seed ``train.seed + 12345 + r``), the shares are gathered, and rank 0 decodes and writes them all to
+    ``<run_dir>/samples/step_XXXXXXXX.txt`` (also logged as TensorBoard text). One process writes exactly
+    what it always wrote. ``last_ids`` keeps the gathered ids (the same on every rank)."""
 
     def __init__(self, run_dir: str | Path, num_samples: int, sample_options: dict[str, Any]) -> None:
         self.dir = Path(run_dir) / "samples"
         self.num_samples, self.options = num_samples, sample_options
+        self.last_ids: torch.Tensor | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.num_samples < 1 or not trainer.is_global_zero:
+        if trainer.sanity_checking or self.num_samples < 1:
             return
-        gen = torch.Generator(device=pl_module.device).manual_seed(pl_module.cfg.train.seed + 12345)
-        ids = pl_module.sample(self.num_samples, generator=gen, **self.options)
+        mine = draw_share(pl_module, trainer, self.num_samples, pl_module.cfg.train.seed + 12345, self.options)
+        ids = self.last_ids = gather_rows(trainer, mine)  # a collective: every rank gets here
+        if not trainer.is_global_zero:
+            return
         dm = trainer.datamodule
-        texts = [dm.decode(row.tolist()) for row in ids.cpu()]
+        texts = [dm.decode(row.tolist()) for row in ids]
         self.dir.mkdir(parents=True, exist_ok=True)
         body = format_samples(texts)
         (self.dir / f"step_{trainer.global_step:08d}.txt").write_text(body)
@@ -55,9 +93,36 @@ class ValidationSamples(Callback):
                 exp.add_text("samples", "\n\n".join(f"    {t}".replace("\n", "\n    ") for t in texts), trainer.global_step)
 
 
+def judge_report(
+    texts: list[str], sample_ids: torch.Tensor, judge: Any, device: torch.device, num_samples: int, batch_size: int = 8
+) -> dict[str, Any]:
+    """``glauber.judges.evaluate_texts`` for one rank's share of the samples, with the metric states on
+    ``device`` so that their DDP synchronisation (torchmetrics, at ``compute``) also works with NCCL;
+    every rank must call it (with zero texts if it has none). The numbers cover all ranks' samples."""
+    from glauber.metrics import GenerativePerplexity, UnigramEntropy
+
+    ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length).to(device)
+    entropy = UnigramEntropy().to(device)
+    for start in range(0, len(texts), batch_size):
+        ids, mask = judge.encode(texts[start : start + batch_size])
+        ppl.update(ids.to(device), mask.to(device))
+    entropy.update(sample_ids.cpu())
+    res = ppl.compute()
+    return {
+        "gen_ppl": float(res["gen_ppl"]),
+        "gen_ppl_per_seq": float(res["gen_ppl_per_seq"]),
+        "scored_tokens": int(res["scored_tokens"]),
+        "unigram_entropy": float(entropy.compute()),
+        "num_samples": num_samples,
+        "judge": judge.name,
+    }
+
+
 class GenerativePerplexityEval(Callback):
-    """Every ``every_steps`` optimizer steps, rank 0 samples with the EMA weights and logs the judge's
-    ``eval/gen_ppl``, ``eval/gen_ppl_per_seq`` and ``eval/entropy`` (also appended to ``eval/gen_ppl.jsonl``)."""
+    """Every ``every_steps`` optimizer steps each rank draws its share of ``num_samples`` samples (EMA weights,
+    float64 draws, rank r with seed ``train.seed + 999 + r``) and scores them with the judge; the judge's
+    sums are synchronised across ranks, and rank 0 logs ``eval/gen_ppl``, ``eval/gen_ppl_per_seq`` and
+    ``eval/entropy`` and appends them to ``eval/gen_ppl.jsonl``. ``last_report`` is the same on every rank."""
 
     def __init__(
         self, run_dir: str | Path, judge: str, every_steps: int, num_samples: int, sample_options: dict[str, Any]
@@ -65,23 +130,26 @@ class GenerativePerplexityEval(Callback):
         self.out = Path(run_dir) / "eval" / "gen_ppl.jsonl"
         self.judge_name, self.every, self.num, self.options = judge, every_steps, num_samples, sample_options
         self._last = -1
+        self.last_report: dict | None = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == 0 or step % self.every or step == self._last or not trainer.is_global_zero:
+        step = trainer.global_step  # the same on every rank, so every rank takes part (or none does)
+        if step == 0 or step % self.every or step == self._last:
             return
         self._last = step
         import json
 
-        from glauber.judges import evaluate_texts, load_judge
+        from glauber.judges import load_judge
 
         judge = load_judge(self.judge_name, str(pl_module.device))
-        gen = torch.Generator(device=pl_module.device).manual_seed(pl_module.cfg.train.seed + 999)
-        ids = pl_module.sample(self.num, generator=gen, **{**self.options, "float64": True})
+        ids = draw_share(pl_module, trainer, self.num, pl_module.cfg.train.seed + 999, {**self.options, "float64": True})
         dm = trainer.datamodule
-        report = evaluate_texts([dm.decode(r.tolist()) for r in ids.cpu()], judge, sample_ids=ids.cpu())
+        texts = [dm.decode(r.tolist()) for r in ids.cpu()]
+        report = self.last_report = judge_report(texts, ids, judge, pl_module.device, self.num)
+        if not trainer.is_global_zero:
+            return
         metrics = {
             "eval/gen_ppl": report["gen_ppl"],
             "eval/gen_ppl_per_seq": report["gen_ppl_per_seq"],
@@ -92,6 +160,140 @@ class GenerativePerplexityEval(Callback):
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with self.out.open("a") as f:
             f.write(json.dumps({"step": step, **report}) + "\n")
+
+
+def hpc_checkpoints(run_dir: str | Path) -> list[Path]:
+    """``<run_dir>/hpc_ckpt_N.ckpt`` (Lightning's naming for SLURM checkpoints), by ``N``."""
+    named = ((re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name), p) for p in Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+    return [p for _, p in sorted((int(m.group(1)), p) for m, p in named if m)]
+
+
+class SlurmRequeue(Callback):
+    """SLURM's warning before the time limit (``sbatch --signal=SIGUSR1@90``) or ``scancel --signal=USR1``:
+    at the end of the optimizer step in progress, all ranks together save ``<run_dir>/hpc_ckpt_N.ckpt``,
+    rank 0 runs ``scontrol requeue``, and training stops; the requeued job (same script, same run
+    directory) resumes from that checkpoint through ``train.resume=auto``.
+
+    It replaces Lightning's own SIGUSR1 handler (``SLURMEnvironment(auto_requeue=False)``), which saves from
+    inside the signal handler wherever the step happens to be: mid-step the data position and the noise
+    counter are already one micro-batch ahead of the weights (mid-accumulation, part of the gradient is
+    lost too), and its save starts a collective at an arbitrary point. Here the handler only sets a flag;
+    the flag is combined over ranks once per optimizer step (one 1-element all-reduce), so the checkpoint
+    is the same kind as ``last.ckpt`` and the resumed run equals an uninterrupted one.
+    """
+
+    def __init__(self, run_dir: str | Path, signum: int = signal.SIGUSR1) -> None:
+        self.run_dir, self.signum = Path(run_dir), signum
+        self.requested = False
+        self._step = -1
+        self._previous: Any = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.signum, self._on_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._step:  # mid-accumulation (same on every rank): wait for the optimizer step
+            return
+        self._step = trainer.global_step
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):  # any rank signalled
+            return
+        self.requested = False
+        existing = hpc_checkpoints(self.run_dir)
+        number = int(existing[-1].stem.rsplit("_", 1)[1]) + 1 if existing else 1
+        path = self.run_dir / f"hpc_ckpt_{number}.ckpt"
+        trainer.save_checkpoint(path)  # every rank (a barrier inside), rank 0 writes
+        ok = True
+        if trainer.is_global_zero:
+            job = os.environ.get("SLURM_JOB_ID", "")
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            try:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+                ok, why = done.returncode == 0, (done.stderr or done.stdout).strip()
+            except (OSError, subprocess.SubprocessError) as e:
+                ok, why = False, str(e)
+            print(
+                f"[glauber.slurm] step {trainer.global_step}: saved {path}; "
+                + (f"requeued job {job}, stopping" if ok else f"scontrol requeue {job} failed ({why}): training on"),
+                file=sys.stderr,
+                flush=True,
+            )
+        if trainer.strategy.broadcast(ok, src=0):
+            trainer.should_stop = True
+            trainer.limit_val_batches = 0  # no final validation on the way out (Lightning runs one on should_stop)
+
+
+def trim_metrics_csv(path: Path, step: int) -> int:
+    """Drop the rows of a CSV metrics log that a run resumed at ``step`` logs again: those of later steps, and
+    those at ``step`` itself except evaluations made at that step (training rows at ``step`` belong to the
+    batch after it, validation rows to the validation after it). Returns the number of rows dropped."""
+    import csv
+
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+
+    def keep(row: dict) -> bool:
+        try:
+            s = int(float(row.get("step") or -1))
+        except ValueError:
+            return True
+        values = {k for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")}
+        return s < step or (s == step and all(k.startswith("eval/") for k in values))
+
+    kept = [r for r in rows if keep(r)]
+    if len(kept) < len(rows):
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+class RunInfo(Callback):
+    """At the start of fitting, rank 0 says where the run stands (``[glauber.train] ...`` on stderr: in a SLURM
+    log this shows each requeued job resuming), trims the CSV metrics of a resumed run to the rows before its
+    checkpoint (``trim_metrics_csv``), and deletes SLURM ``hpc_ckpt_*.ckpt`` files older than the newest one
+    (each is a full checkpoint; Lightning never removes them)."""
+
+    def __init__(self, run_dir: str | Path, resumed_from: str | Path | None, per_device: int, accumulate: int) -> None:
+        self.run_dir, self.resumed_from = Path(run_dir), resumed_from
+        self.per_device, self.accumulate = per_device, accumulate
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        where = f"resumed from {self.resumed_from} at" if self.resumed_from else "starting at"
+        W = trainer.world_size
+        print(
+            f"[glauber.train] {where} global step {trainer.global_step} of {trainer.max_steps}; "
+            f"{trainer.num_nodes} node(s) x {trainer.num_devices} device(s) = {W} process(es); global batch "
+            f"{self.per_device * self.accumulate * W} = {self.per_device} per device x {self.accumulate} accumulation x {W}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.resumed_from:
+            trim_metrics_csv(self.run_dir / "logs" / "metrics.csv", trainer.global_step)
+        for old in hpc_checkpoints(self.run_dir)[:-1]:
+            old.unlink(missing_ok=True)
 
 
 class LossByNoisePlot(Callback):

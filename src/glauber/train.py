@@ -1,19 +1,34 @@
-"""Build the DataModule, LightningModule and Trainer from a config, and fit (resuming when asked)."""
+"""Build the DataModule, LightningModule and Trainer from a config, and fit (resuming when asked).
+
+Runs the same way on one process, on several local GPUs (the Trainer launches them), under ``torchrun``
+and under SLURM's ``srun`` (one task per GPU; see ``glauber slurm`` and docs/SCALING.md): every process
+calls ``train``, rank 0 alone writes files, and the process group is closed at the end.
+"""
 
 from __future__ import annotations
 
-import os
+import csv
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.text import TextDataModule
-from glauber.callbacks import GenerativePerplexityEval, LossByNoisePlot, Throughput, ValidationSamples
+from glauber.callbacks import (
+    GenerativePerplexityEval,
+    LossByNoisePlot,
+    RunInfo,
+    SlurmRequeue,
+    Throughput,
+    ValidationSamples,
+)
 from glauber.checkpoint import AtomicCheckpointIO, check_compatible, latest_checkpoint
 from glauber.config import batch_layout
 from glauber.methods import method_class
@@ -53,11 +68,32 @@ def sample_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     return [ValidationSamples(run_dir, cfg.sample.num_samples, sample_options(cfg))]
 
 
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (with its columns) rather
+    than deleted: a resumed or requeued run keeps the rows from before its checkpoint (``RunInfo`` drops the
+    rows logged after it; ``train`` deletes the file when a run starts from scratch)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ContinuingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     for name in cfg.train.loggers:
         if name == "csv":
-            loggers.append(CSVLogger(str(run_dir), name="logs", version=""))
+            loggers.append(ContinuingCSVLogger(str(run_dir), name="logs", version=""))
         elif name == "tensorboard":
             loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False))
         elif name == "wandb":
@@ -93,6 +129,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
         callbacks.append(
             GenerativePerplexityEval(run_dir, cfg.eval.judge, cfg.eval.every_steps, cfg.eval.num_samples, sample_options(cfg))
         )
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # SLURM's SIGUSR1 is handled at step boundaries by SlurmRequeue, not inside Lightning's signal handler
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue(run_dir))
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -115,7 +156,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
         enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         use_distributed_sampler=False,  # our DataModules shard by rank themselves
     )
 
@@ -126,8 +167,16 @@ def sample_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: ``auto`` = the newest of ``last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``
+    (None on a first start: we never pass Lightning's ``"hpc"``, which fails when there is none yet)."""
     mode = cfg.train.resume
     if mode == "never":
+        if SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt")):
+            # Under SLURM, Lightning itself resumes from these when given no checkpoint: refuse instead.
+            raise ValueError(
+                f"train.resume=never, but {run_dir} holds SLURM hpc_ckpt_*.ckpt files that Lightning would resume "
+                "from by itself: use a new train.run_dir, or delete them"
+            )
         return None
     if mode == "auto":
         return latest_checkpoint(run_dir)
@@ -147,13 +196,26 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> Path:
     if ckpt is not None:
         check_compatible(ckpt, container)
     dm = build_datamodule(cfg, per_device, accumulate)
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        dm.check_available()  # missing data stops the run here, in seconds, with what to do
+    # Every process checks: missing data stops all of them here, in seconds, with what to do (none is left
+    # waiting for a peer that has exited).
+    dm.check_available()
+    callbacks = [RunInfo(run_dir, ckpt, per_device, accumulate), *(extra_callbacks or [])]
+    trainer = build_trainer(cfg, run_dir, accumulate, callbacks)
+    if trainer.is_global_zero:  # the rank is known before fit under srun, torchrun and Lightning's own launcher
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
+        if ckpt is None:  # a run from scratch does not continue an older run's metrics
+            (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
     module = method_class(cfg.method)(container)
-    trainer = build_trainer(cfg, run_dir, accumulate, extra_callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.is_global_zero:
         plot_loss_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "loss.png")
+    close_distributed()
     return run_dir
+
+
+def close_distributed() -> None:
+    """Destroy the process group when one was set up: left to interpreter exit, NCCL/gloo teardown sometimes
+    aborts (``terminate called without an active exception``, exit 134) after a run that finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

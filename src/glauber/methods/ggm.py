@@ -95,7 +95,8 @@ class GGMModule(DiffusionModule):
         self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
         self.val_loss.reset()
         for k, metric in enumerate(self.val_buckets):
-            if metric.update_count:
+            # compute() is a DDP collective: every rank takes part for every bucket any rank saw
+            if self.trainer.strategy.reduce_boolean_decision(bool(metric.update_count), all=False):
                 self.log(f"val/loss_t{k}", metric.compute())
             metric.reset()
         super().on_validation_epoch_end()
