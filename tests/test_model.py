@@ -112,3 +112,43 @@ def test_sizes_match_the_ddit_shapes():
         ModelConfig(size="tiny", width=60, heads=8).resolved()
     sched = GlauberSchedule(L, 2)
     assert sched.num_steps == 2 * L
+
+
+def test_causal_attention_is_causal_and_the_default_is_not():
+    model = make(condition_on_alpha=False, causal=True)
+    x, _, time, _ = inputs()
+    h = model(x, None, time).view(B, L, V)
+    for i in (0, 5, L - 2):
+        moved = x.clone()
+        moved[:, i + 1 :] = (x[:, i + 1 :] + 1) % (V + 1)  # every later token changes (the extra row included)
+        h2 = model(moved, None, time).view(B, L, V)
+        assert torch.allclose(h2[:, : i + 1], h[:, : i + 1], atol=1e-6)
+        assert not torch.allclose(h2[:, i + 1 :], h[:, i + 1 :])
+    # the same change reaches earlier positions when the attention is bidirectional
+    plain = make(condition_on_alpha=False)
+    moved = x.clone()
+    moved[:, -1] = (x[:, -1] + 1) % V
+    assert not torch.allclose(plain(moved, None, time).view(B, L, V)[:, 0], plain(x, None, time).view(B, L, V)[:, 0])
+
+
+def test_causal_option_keeps_parameter_names():
+    assert make(causal=True).state_dict().keys() == make().state_dict().keys()
+    assert ModelConfig().causal is False
+
+
+def test_all_positions_form_matches_an_all_true_mask():
+    model = make(condition_on_alpha=False)
+    x, _, time, _ = inputs()
+    full = torch.ones(B, L, dtype=torch.bool)
+    assert torch.allclose(model(x, None, time), model(x, full, time), atol=1e-6)
+
+
+def test_key_value_cache_decoding_equals_the_causal_forward():
+    model = make(condition_on_alpha=False, causal=True)
+    x, _, time, _ = inputs()
+    full = model(x, None, time).view(B, L, V)
+    cache = model.new_cache(B, L)
+    steps = torch.stack([model.decode_step(x[:, i], i, time, cache) for i in range(L)], dim=1)
+    assert torch.allclose(steps, full, atol=1e-5)
+    with pytest.raises(ValueError, match="causal"):
+        make().new_cache(B, L)

@@ -12,19 +12,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Config sections that define what a checkpoint *is*: resuming or sampling with other values is refused.
 STRUCTURAL_KEYS = (
-    "method", "data.seq_len", "data.tokenizer", "model", "schedule", "process", "mdlm.eps", "mdlm.time_conditioning",
+    "method",
+    "data.seq_len",
+    "data.tokenizer",
+    "model",
+    "schedule",
+    "process",
+    "mdlm.eps",
+    "mdlm.time_conditioning",
 )
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file (identifies e.g. the VQ tokenizer a model was trained with)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,7 +68,9 @@ def check_compatible(ckpt_path: str | Path, current: dict) -> None:
     saved = (state.get("glauber") or {}).get("config")
     if saved is None:
         raise ValueError(f"{ckpt_path} is not a glauber checkpoint")
-    diffs = config_differences(saved, current)
+    from glauber.config import with_defaults
+
+    diffs = config_differences(with_defaults(saved), current)
     if diffs:
         raise ValueError(
             f"checkpoint {ckpt_path} was made with another configuration ({'; '.join(diffs)}); "

@@ -40,13 +40,17 @@ LABELS = {
 @dataclass
 class Row:
     method: str
-    nfe: int
+    nfe: float  # network evaluations per sample
     setting: str
     gen_ppl: float
     gen_ppl_per_seq: float
     entropy: float
     sample_s: float  # wall-clock seconds to draw all samples of this row
     num_samples: int
+
+
+def row_of(method: str, nfe: int, setting: str, res: dict[str, Any], seconds: float) -> Row:
+    return Row(method, nfe, setting, res["gen_ppl"], res["gen_ppl_per_seq"], res["unigram_entropy"], seconds, res["num_samples"])
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -151,7 +155,7 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
     first = next(iter(cfgs.values()))
     texts, ids = real_text(first, args.num_samples)
     res = evaluate_texts(texts, judge, sample_ids=ids)  # entropy over the model's tokens, as for samples
-    rows.append(Row("real", 0, "validation split", res["gen_ppl"], res["gen_ppl_per_seq"], res["unigram_entropy"], 0.0, len(texts)))
+    rows.append(row_of("real", 0, "validation split", res, 0.0))
     (samples_dir / "real.txt").write_text(format_samples(texts))
 
     for name in names:
@@ -160,16 +164,23 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
         for nfe, label, options in sample_settings(module, nfes):
             start = time.perf_counter()
             ids = generate(
-                module, args.num_samples, args.batch_size, args.seed, progress=False,
-                temperature=args.temperature, float64=True, **options,
+                module,
+                args.num_samples,
+                args.batch_size,
+                args.seed,
+                progress=False,
+                temperature=args.temperature,
+                float64=True,
+                **options,
             )
             seconds = time.perf_counter() - start
-            nfe = int(getattr(module, "last_sample_nfe", None) or nfe)  # MDLM's cache may call the network less
+            nfe = module.network_calls(**options)  # MDLM's cache calls the network less than its steps
             texts = [tok.decode(r.tolist()) for r in ids]
             res = evaluate_texts(texts, judge, sample_ids=ids)
-            rows.append(Row(name, nfe, label, res["gen_ppl"], res["gen_ppl_per_seq"], res["unigram_entropy"], seconds, len(texts)))
-            (samples_dir / f"{name}_{label.replace('=', '')}.txt").write_text(format_samples(texts))
-            print(f"{name:7s} {label:20s} NFE {nfe:4d}  gen-PPL {res['gen_ppl']:8.3f}  entropy {res['unigram_entropy']:.3f}  {seconds:.1f}s")
+            rows.append(row_of(name, nfe, label, res, seconds))
+            (samples_dir / f"{name}_{label.replace('=', '').replace(' ', '_')}.txt").write_text(format_samples(texts))
+            r = rows[-1]
+            print(f"{name:7s} {label:20s} NFE {nfe:6.1f}  gen-PPL {r.gen_ppl:8.3f}  entropy {r.entropy:.3f}  {seconds:.1f}s")
 
     meta = {
         "command": "glauber compare " + " ".join(_argv(args)),
@@ -191,8 +202,15 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    parts = [f"--config {args.config}", f"--out {args.out}", f"--methods {args.methods}", f"--nfe {args.nfe}",
-             f"--num-samples {args.num_samples}", f"--seed {args.seed}", f"--temperature {args.temperature}"]
+    parts = [
+        f"--config {args.config}",
+        f"--out {args.out}",
+        f"--methods {args.methods}",
+        f"--nfe {args.nfe}",
+        f"--num-samples {args.num_samples}",
+        f"--seed {args.seed}",
+        f"--temperature {args.temperature}",
+    ]
     if args.judge:
         parts.append(f"--judge {args.judge}")
     return parts + list(args.overrides)
@@ -210,8 +228,9 @@ def results_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     ]
     for r in rows:
         train_s = meta["train_seconds"].get(r.method)
+        nfe = f"{r.nfe:.4g}" if r.nfe else "-"
         lines.append(
-            f"| {LABELS.get(r.method, r.method)} | {r.setting} | {r.nfe or '-'} | {r.gen_ppl:.3f} | {r.gen_ppl_per_seq:.3f} | "
+            f"| {LABELS.get(r.method, r.method)} | {r.setting} | {nfe} | {r.gen_ppl:.3f} | {r.gen_ppl_per_seq:.3f} | "
             f"{r.entropy:.3f} | {r.sample_s:.1f} | {f'{train_s:.0f}' if train_s else '-'} |"
         )
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from data_modules.images import ImageDataConfig
 from data_modules.text import TextDataConfig
 from glauber.model import ModelConfig
 from glauber.schedule import ScheduleConfig
@@ -145,17 +146,13 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def image_experiment_config() -> type:
+@dataclass
+class ImageExperimentConfig(ExperimentConfig):
     """The typed root of ``modality: image`` configs: image data (VQ token grids) and an ``image`` section."""
-    from data_modules.images import ImageDataConfig
 
-    @dataclass
-    class ImageExperimentConfig(ExperimentConfig):
-        modality: str = "image"
-        data: ImageDataConfig = field(default_factory=ImageDataConfig)  # type: ignore[assignment]
-        image: ImageConfig = field(default_factory=ImageConfig)
-
-    return ImageExperimentConfig
+    modality: str = "image"
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)  # type: ignore[assignment]
+    image: ImageConfig = field(default_factory=ImageConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -173,7 +170,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     modality = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides)).get("modality", "text")
     if modality not in ("text", "image"):
         raise ValueError(f"modality must be 'text' or 'image' (got {modality!r})")
-    cfg = OmegaConf.structured(image_experiment_config() if modality == "image" else ExperimentConfig)
+    cfg = OmegaConf.structured(ImageExperimentConfig if modality == "image" else ExperimentConfig)
     try:
         cfg = OmegaConf.merge(cfg, raw)
         if overrides:
@@ -203,6 +200,19 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)} (got {cfg.method!r})")
+    if cfg.method == "ar":
+        cfg.model.causal = True  # the autoregressive baseline is the causal backbone
+    elif cfg.model.causal:
+        raise ValueError(
+            f"model.causal=true is only for method=ar (got method={cfg.method!r}, which needs bidirectional attention)"
+        )
+    if cfg.method != "ggm" and cfg.model.condition_on_alpha:
+        raise ValueError("model.condition_on_alpha is a GGM option (per-position signal levels): set it false for ar/mdlm")
+    if cfg.method == "mdlm" and cfg.mdlm.sampler == "cache" and cfg.mdlm.time_conditioning:
+        raise ValueError(
+            "mdlm.sampler=cache reuses network outputs across steps, valid only without time conditioning: "
+            "set mdlm.time_conditioning=false or mdlm.sampler=ancestral"
+        )
     if cfg.mdlm.sampler not in ("ancestral", "cache"):
         raise ValueError(f"mdlm.sampler must be 'ancestral' or 'cache' (got {cfg.mdlm.sampler!r})")
     if not 0 < cfg.mdlm.eps < 1:
@@ -242,6 +252,16 @@ def batch_layout(global_batch: int, world_size: int, micro_batch: int | None) ->
             f"train.micro_batch_size={micro_batch}; choose a micro batch that divides it"
         )
     return micro_batch, per_device // micro_batch
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config completed with today's defaults for keys it predates (so an old checkpoint still
+    compares equal on options added since); returned unchanged if it no longer fits the schema."""
+    root = ImageExperimentConfig if saved.get("modality") == "image" else ExperimentConfig
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(root), saved), resolve=True)
+    except Exception:  # noqa: BLE001 - a checkpoint from another version: compare it as it is
+        return saved
 
 
 def to_dataclass(cfg: DictConfig) -> ExperimentConfig:

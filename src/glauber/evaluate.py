@@ -26,7 +26,8 @@ def add_eval_ppl_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-gguf", default=None, help="a GGUF file inside --judge to load through transformers")
     p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=16, help="samples drawn at once (default 16)")
-    p.add_argument("--m", type=int, default=None, help="positions per network call (default: the config's)")
+    p.add_argument("--m", type=int, default=None, help="GGM: positions per network call (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -39,24 +40,18 @@ def eval_ppl_command(args: argparse.Namespace) -> dict:
     judge = load_judge(args.judge, device, args.judge_gguf)
     module = load_checkpoint(args.checkpoint, device)
     tok = checkpoint_tokenizer(module)
-    ids = generate(
-        module,
-        args.num_samples,
-        args.batch_size,
-        args.seed,
-        positions_per_step=args.m,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        float64=True,
-    )
+    given = {"positions_per_step": args.m, "steps": args.steps}  # each method takes its own
+    options = {k: v for k, v in given.items() if v is not None} | {"temperature": args.temperature, "top_p": args.top_p}
+    ids = generate(module, args.num_samples, args.batch_size, args.seed, float64=True, **options)
     texts = [tok.decode(row.tolist()) for row in ids]
     report = evaluate_texts(texts, judge, sample_ids=ids)
-    sched = module.schedule(args.m)
     report.update(
         {
             "checkpoint": str(args.checkpoint),
-            "network_calls": sched.num_steps,
-            "positions_per_step": sched.m,
+            "method": module.cfg.method,
+            "network_calls": module.network_calls(**options),
+            "positions_per_step": args.m,
+            "steps": args.steps,
             "temperature": args.temperature,
             "top_p": args.top_p,
             "seed": args.seed,

@@ -1,7 +1,9 @@
 """Judge language models for generative perplexity, and the evaluation of decoded samples.
 
 A judge is any Hugging Face causal LM, by hub name (``gpt2-large``, the default) or local directory,
-or a GGUF file through ``transformers`` (``gguf_file=``); loaded once per process, float32, eval mode.
+or a GGUF file through ``transformers`` (``gguf_file=``); or an autoregressive checkpoint of this
+framework (``method: ar``), given as ``ckpt:PATH`` or a path ending in ``.ckpt``, scored with its own
+tokenizer. Loaded once per process, float32, eval mode.
 """
 
 from __future__ import annotations
@@ -53,23 +55,81 @@ class HFJudge:
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Right-padded judge token ids and their mask, each text cut to the judge's context."""
         rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
-        width = max(1, max(len(r) for r in rows))
-        pad = self.eos_id if self.eos_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = True
-        return ids, mask
+        return pad_rows(rows, self.eos_id)
+
+
+def pad_rows(rows: list[list[int]], eos_id: int | None) -> tuple[Tensor, Tensor]:
+    """Right-padded ids ``[B, N]`` (EOS, or 0 without one) and the mask of the real tokens."""
+    width = max(1, max(len(r) for r in rows))
+    pad = eos_id if eos_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+class CheckpointJudge:
+    """An autoregressive checkpoint of this framework (``method: ar``) as a judge, with the interface of
+    ``HFJudge``: its own tokenizer (``eos_id`` None for a character tokenizer), ``max_length`` = the
+    model's ``data.seq_len``, EMA weights, float32. ``judge(ids, mask)[:, j]`` is the model's
+    distribution of ``ids[:, j + 1]`` given ``ids[:, :j + 1]`` (the last column is never scored), so
+    ``metrics.token_nll`` reads the model's exact conditionals; the first token is not scored, as for
+    any judge, though this model could score it from its BOS input."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        from glauber.inference import checkpoint_tokenizer, load_checkpoint
+
+        self.module = load_checkpoint(path, device)
+        if self.module.cfg.method != "ar":
+            raise ValueError(
+                f"judge {path}: a checkpoint judge must be an autoregressive model (method: ar), "
+                f"not method {self.module.cfg.method!r}"
+            )
+        self.module.float()
+        self.tokenizer = checkpoint_tokenizer(self.module)
+        self.name = f"ckpt:{path}"
+        self.device = torch.device(device)
+        self.eos_id = self.tokenizer.eos_id
+        self.max_length = int(self.module.cfg.data.seq_len)
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor, mask: Tensor) -> Tensor:
+        # Right padding never reaches the real tokens: the attention is causal.
+        logits = self.module.logits(ids[:, : self.max_length].to(self.device))
+        return torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Right-padded token ids of the checkpoint's tokenizer and their mask, cut to ``max_length``."""
+        return pad_rows([self.tokenizer.encode(t)[: self.max_length] for t in texts], self.eos_id)
+
+
+def checkpoint_judge_path(name: str) -> str | None:
+    """The checkpoint path when ``name`` designates a checkpoint judge (``ckpt:PATH`` or ``*.ckpt``)."""
+    if name.startswith("ckpt:"):
+        return name[len("ckpt:") :]
+    return name if name.endswith(".ckpt") else None
+
+
+Judge = HFJudge | CheckpointJudge
 
 
 @functools.lru_cache(maxsize=4)
-def load_judge(name_or_path: str, device: str = "cpu", gguf_file: str | None = None) -> HFJudge:
-    """The judge, loaded once per process and kept."""
+def load_judge(name_or_path: str, device: str = "cpu", gguf_file: str | None = None) -> Judge:
+    """The judge, loaded once per process and kept: a checkpoint judge for ``ckpt:PATH`` or a ``.ckpt``
+    path, else a Hugging Face causal LM."""
+    path = checkpoint_judge_path(name_or_path)
+    if path is not None:
+        if gguf_file:
+            raise ValueError("--judge-gguf applies to Hugging Face judges, not to a checkpoint judge")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"judge checkpoint {path} not found")
+        return CheckpointJudge(path, device)
     return HFJudge(name_or_path, device, gguf_file)
 
 
-def evaluate_texts(texts: list[str], judge: HFJudge, sample_ids: Tensor | None = None, batch_size: int = 8) -> dict[str, float]:
+def evaluate_texts(texts: list[str], judge: Judge, sample_ids: Tensor | None = None, batch_size: int = 8) -> dict[str, float]:
     """Generative perplexity of decoded samples under ``judge`` (both averages) and the unigram entropy
     of the samples' own token ids (of the judge's tokens when ``sample_ids`` is not given)."""
     ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length)

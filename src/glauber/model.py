@@ -5,6 +5,10 @@ hidden positions set to ``hidden_id = V`` (a dedicated embedding row), ``time [B
 ``(t + 1) / T``, ``alpha [B, L]`` optionally gives each position's signal level. The vocabulary head
 runs only on the hidden positions (gathered first), so ``h`` is ``[N, V]`` in
 ``hidden_mask.nonzero()`` order.
+
+With ``causal=True`` the same network is a decoder-only language model (the AR baseline): position
+``i`` attends to positions ``<= i`` only, and ``decode_step`` runs one position at a time on a
+key/value cache.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class ModelConfig:
     tie_head: share the output head with the token embedding (off by default).
     attention: ``auto`` (flash-attn when installed and running on CUDA in 16 bits, else PyTorch SDPA),
         ``sdpa`` (always PyTorch), ``flash`` (same as auto; flash-attn is never required).
+    causal: causal self-attention (position ``i`` sees ``<= i``): the autoregressive baseline only.
     """
 
     size: str = "tiny"
@@ -51,6 +56,7 @@ class ModelConfig:
     condition_on_alpha: bool = False
     tie_head: bool = False
     attention: str = "auto"
+    causal: bool = False
 
     def resolved(self) -> tuple[int, int, int]:
         if self.size not in SIZES:
@@ -113,9 +119,11 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-Zero modulation from the conditioning vector."""
 
-    def __init__(self, width: int, heads: int, cond_dim: int, mlp_ratio: int, dropout: float, attention: str) -> None:
+    def __init__(
+        self, width: int, heads: int, cond_dim: int, mlp_ratio: int, dropout: float, attention: str, causal: bool = False
+    ) -> None:
         super().__init__()
-        self.heads, self.dropout, self.attention = heads, dropout, attention
+        self.heads, self.dropout, self.attention, self.causal = heads, dropout, attention, causal
         self.norm1, self.norm2 = LayerNorm(width), LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
@@ -129,8 +137,10 @@ class Block(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
         if self.attention != "sdpa" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return flash_attn_func(q, k, v, dropout_p=p, causal=False)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p)
+            return flash_attn_func(q, k, v, dropout_p=p, causal=self.causal)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, is_causal=self.causal
+        )
         return out.transpose(1, 2)
 
     def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -143,6 +153,23 @@ class Block(nn.Module):
         x = x + gate1[:, None] * F.dropout(self.proj(a), self.dropout, self.training)
         h = modulate(self.norm2(x), shift2, scale2)
         return x + gate2[:, None] * F.dropout(self.mlp(h), self.dropout, self.training)
+
+    def forward_cached(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], pos: int) -> Tensor:
+        """One new position ``pos`` (``x [B, 1, D]``, rotary tables of that position) of a causal block:
+        its key/value are written into ``cache`` (``[B, L, H, Dh]`` each) and it attends to ``0..pos``."""
+        B, _, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        q, k, v = self.qkv(h).view(B, 1, 3, self.heads, D // self.heads).unbind(2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache, v_cache = cache
+        k_cache[:, pos : pos + 1] = k.to(k_cache.dtype)
+        v_cache[:, pos : pos + 1] = v.to(v_cache.dtype)
+        keys, values = k_cache[:, : pos + 1].to(q.dtype), v_cache[:, : pos + 1].to(q.dtype)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        x = x + gate1[:, None] * self.proj(a.transpose(1, 2).reshape(B, 1, D))
+        h = modulate(self.norm2(x), shift2, scale2)
+        return x + gate2[:, None] * self.mlp(h)
 
 
 class DDiT(nn.Module):
@@ -161,7 +188,7 @@ class DDiT(nn.Module):
             nn.init.zeros_(self.alpha_embed.bias)
         self.rotary = Rotary(width // heads)
         self.blocks = nn.ModuleList(
-            Block(width, heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, cfg.attention) for _ in range(blocks)
+            Block(width, heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, cfg.attention, cfg.causal) for _ in range(blocks)
         )
         self.norm_out = LayerNorm(width)
         self.ada_out = nn.Linear(cfg.cond_dim, 2 * width)
@@ -193,11 +220,14 @@ class DDiT(nn.Module):
             x = block(x, c, cos, sin)
         return x, c
 
-    def forward(self, x_in: Tensor, hidden: Tensor, time: Tensor, alpha: Tensor | None = None) -> Tensor:
-        """``hidden``: a boolean mask ``[B, L]`` or sorted positions ``[B, m]`` (static shapes, for
-        ``torch.compile`` in training). Returns ``h [N, V]`` in row-major order of the hidden positions."""
+    def forward(self, x_in: Tensor, hidden: Tensor | None, time: Tensor, alpha: Tensor | None = None) -> Tensor:
+        """``hidden``: a boolean mask ``[B, L]``, sorted positions ``[B, m]`` (static shapes, for
+        ``torch.compile`` in training) or None for every position (as an all-true mask, without its
+        synchronisation). Returns ``h [N, V]`` in row-major order of the hidden positions."""
         x, c = self.trunk(x_in, time, alpha)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        if hidden is None:  # every position: broadcast the modulation instead of gathering
+            return self._head(x, shift[:, None], scale[:, None]).flatten(0, 1)
         if hidden.dtype == torch.bool:
             rows = hidden.nonzero(as_tuple=True)[0]
             x = x[hidden]  # gather before the head: only the hidden positions pay for V
@@ -205,6 +235,39 @@ class DDiT(nn.Module):
             B, m = hidden.shape
             rows = torch.arange(B, device=x.device).repeat_interleave(m)
             x = x.gather(1, hidden[..., None].expand(-1, -1, x.shape[-1])).reshape(B * m, -1)
-        x = self.norm_out(x) * (1 + scale[rows]) + shift[rows]
+        return self._head(x, shift[rows], scale[rows])
+
+    def _head(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        x = self.norm_out(x) * (1 + scale) + shift
         weight = self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
         return F.linear(x, weight, self.head_bias)
+
+    # -- one position at a time (causal models) -----------------------------------------------------
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Empty key/value buffers ``[B, max_len, H, Dh]`` per block for ``decode_step``."""
+        if not self.cfg.causal:
+            raise ValueError("decode_step needs a causal model (model.causal=true)")
+        ref = self.embed.weight
+        heads = self.blocks[0].heads
+        shape = (batch, max_len, heads, ref.shape[1] // heads)
+        dtype = dtype or ref.dtype
+        return [
+            (torch.zeros(shape, dtype=dtype, device=ref.device), torch.zeros(shape, dtype=dtype, device=ref.device))
+            for _ in self.blocks
+        ]
+
+    def decode_step(self, token: Tensor, pos: int, time: Tensor, cache: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Logits ``[B, V]`` at position ``pos`` given the input ``token [B]`` there and the positions
+        ``< pos`` already in ``cache`` (filled by earlier calls, in order). Equal to ``forward`` of the
+        whole prefix with ``causal=True`` at that position; dropout is not applied (sampling only)."""
+        max_len = cache[0][0].shape[1]
+        if not 0 <= pos < max_len:
+            raise ValueError(f"position {pos} outside the cache of length {max_len}")
+        x = self.embed(token[:, None])
+        c = F.silu(self.time_mlp(timestep_features(time, 256)))
+        cos, sin = self.rotary(max_len, token.device)
+        cos, sin = cos[:, pos : pos + 1], sin[:, pos : pos + 1]
+        for block, kv in zip(self.blocks, cache):
+            x = block.forward_cached(x, c, cos, sin, kv, pos)
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        return self._head(x[:, 0], shift, scale)

@@ -1,9 +1,12 @@
-"""One LightningModule subclass per method, sharing ``DiffusionModule``."""
+"""One LightningModule subclass per method, sharing ``DiffusionModule``: GGM and its baselines in the
+same framework (same backbone, data, optimiser, EMA and checkpoints)."""
 
+from glauber.methods.ar import ARModule
 from glauber.methods.base import DiffusionModule
 from glauber.methods.ggm import GGMModule
+from glauber.methods.mdlm import MDLMModule
 
-METHODS: dict[str, type[DiffusionModule]] = {"ggm": GGMModule}
+METHODS: dict[str, type[DiffusionModule]] = {"ggm": GGMModule, "ar": ARModule, "mdlm": MDLMModule}
 
 
 def method_class(name: str) -> type[DiffusionModule]:
@@ -12,4 +15,4 @@ def method_class(name: str) -> type[DiffusionModule]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "DiffusionModule", "GGMModule", "method_class"]
+__all__ = ["METHODS", "ARModule", "DiffusionModule", "GGMModule", "MDLMModule", "method_class"]

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from glauber.ema import EMA
 from glauber.model import DDiT, ModelConfig
+
+NUM_BUCKETS = 10  # validation loss is also reported per tenth of the noise time, when a method has one
 
 
 class DiffusionModule(L.LightningModule):
@@ -47,6 +52,8 @@ class DiffusionModule(L.LightningModule):
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
         if self.cfg.optim.ema > 0:
             self.ema = EMA(self.model, self.cfg.optim.ema)
+        self.val_loss = MeanMetric()
+        self.val_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_BUCKETS))
         self.build_method(self.data_info_)
 
     def build_method(self, data_info: dict) -> None:  # noqa: B027 - optional hook
@@ -107,11 +114,44 @@ class DiffusionModule(L.LightningModule):
 
         return self.ema.scope(self.model) if self.ema is not None else nullcontext()
 
+    @contextmanager
+    def eval_weights(self) -> Iterator[None]:
+        """EMA weights and eval mode for the duration of a ``with`` block (sampling, likelihoods)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.ema_scope():
+                yield
+        finally:
+            self.model.train(was_training)
+
     def on_validation_epoch_start(self) -> None:
         self._ema_ctx = self.ema_scope()
         self._ema_ctx.__enter__()
 
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """``val/loss`` over the validation batches, and per tenth of the noise time when ``compute_loss``
+        returns a ``time`` in [0, 1] per row. The noise is seeded by batch and rank: every validation
+        sees the same noise."""
+        gen = torch.Generator(device=self.device).manual_seed(10_007 * batch_idx + self.global_rank + 17)
+        _, extra = self.compute_loss(batch, gen)
+        per_row = extra["per_row"].float()
+        self.val_loss.update(per_row)
+        if "time" in extra:
+            bucket = (extra["time"] * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
+            for k in range(NUM_BUCKETS):
+                sel = bucket == k
+                if bool(sel.any()):
+                    self.val_buckets[k].update(per_row[sel])
+
     def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+        for k, metric in enumerate(self.val_buckets):
+            # compute() is a DDP collective: every rank takes part for every bucket any rank saw
+            if self.trainer.strategy.reduce_boolean_decision(bool(metric.update_count), all=False):
+                self.log(f"val/loss_t{k}", metric.compute())
+            metric.reset()
         self._ema_ctx.__exit__(None, None, None)
 
     @abstractmethod
@@ -121,6 +161,14 @@ class DiffusionModule(L.LightningModule):
     @abstractmethod
     def sample(self, num_samples: int, **kwargs: Any) -> Tensor:
         """Draw ``[num_samples, L]`` token ids."""
+
+    def network_calls(self, **options: Any) -> float:
+        """Network evaluations per sample of the last ``sample(**options)`` call (methods whose count
+        depends on the draw, like MDLM's caching sampler, record it in ``last_sample_nfe``)."""
+        nfe = getattr(self, "last_sample_nfe", None)
+        if nfe is None:
+            raise ValueError("no sample drawn yet")
+        return float(nfe)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

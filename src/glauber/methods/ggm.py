@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from glauber.loss import ggm_loss
 from glauber.methods.base import DiffusionModule
@@ -16,8 +15,6 @@ from glauber.noise import NoiseLaw
 from glauber.process import make_training_example
 from glauber.sampler import Denoiser, glauber_sample
 from glauber.schedule import GlauberSchedule
-
-NUM_BUCKETS = 10  # validation loss is reported per tenth of the noising time t/T
 
 
 class GGMModule(DiffusionModule):
@@ -37,8 +34,6 @@ class GGMModule(DiffusionModule):
         self.train_ms = sorted(set(p.train_positions_per_step) or {base})
         self._schedules: dict[int, GlauberSchedule] = {}
         self._laws: dict[torch.device, NoiseLaw] = {}
-        self.val_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_BUCKETS))
-        self.val_loss = MeanMetric()
 
     def schedule(self, m: int | None = None) -> GlauberSchedule:
         """The schedule with ``m`` positions per step (default: the configured one), cached."""
@@ -80,27 +75,6 @@ class GGMModule(DiffusionModule):
         per_row = per.view(batch.shape[0], -1).mean(1)
         return per_row.mean(), {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        gen = torch.Generator(device=self.device).manual_seed(10_007 * batch_idx + self.global_rank + 17)
-        _, extra = self.compute_loss(batch, gen)
-        per_row = extra["per_row"].float()
-        self.val_loss.update(per_row)
-        bucket = (extra["time"] * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
-        for k in range(NUM_BUCKETS):
-            sel = bucket == k
-            if bool(sel.any()):
-                self.val_buckets[k].update(per_row[sel])
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
-        self.val_loss.reset()
-        for k, metric in enumerate(self.val_buckets):
-            # compute() is a DDP collective: every rank takes part for every bucket any rank saw
-            if self.trainer.strategy.reduce_boolean_decision(bool(metric.update_count), all=False):
-                self.log(f"val/loss_t{k}", metric.compute())
-            metric.reset()
-        super().on_validation_epoch_end()
-
     @torch.no_grad()
     def sample(
         self,
@@ -116,37 +90,36 @@ class GGMModule(DiffusionModule):
         ``options``: temperature, top_p, float64 (the final categorical draw)."""
         sched = self.schedule(positions_per_step)
         law = self.law_on(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.ema_scope():
-                if template is None:
-                    return glauber_sample(
-                        self.denoiser(sched),
-                        sched,
-                        law,
-                        num_samples,
-                        generator=generator,
-                        device=self.device,
-                        progress=progress,
-                        **options,
-                    )
-                from glauber.sampler import infill
-
-                template = template.to(self.device)
-                clamp = clamp_mask.to(self.device)
-                return infill(
-                    self.denoiser(sched, clamp),
+        with self.eval_weights():
+            if template is None:
+                return glauber_sample(
+                    self.denoiser(sched),
                     sched,
                     law,
-                    template,
-                    clamp,
+                    num_samples,
                     generator=generator,
+                    device=self.device,
                     progress=progress,
                     **options,
                 )
-        finally:
-            self.model.train(was_training)
+            from glauber.sampler import infill
+
+            template = template.to(self.device)
+            clamp = clamp_mask.to(self.device)
+            return infill(
+                self.denoiser(sched, clamp),
+                sched,
+                law,
+                template,
+                clamp,
+                generator=generator,
+                progress=progress,
+                **options,
+            )
+
+    def network_calls(self, positions_per_step: int | None = None, **options: Any) -> float:
+        """``T = K L / m``: one network call per step, whatever the draw."""
+        return float(self.schedule(positions_per_step).num_steps)
 
     def extra_state(self) -> dict:
         return {**super().extra_state(), "noise_probs": self.law.probs.tolist()}

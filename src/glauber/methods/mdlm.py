@@ -1,0 +1,166 @@
+"""The MDLM baseline: masked (absorbing-state) diffusion on the same DDiT backbone.
+
+Forward process: each token is independently replaced by the mask (the network's extra embedding
+row ``V``) with probability ``1 - alpha(t)``, ``alpha(t) = 1 - (1 - eps) t`` (log-linear schedule).
+SUBS parameterisation: the network predicts the clean token only at masked positions (the head has no
+mask logit; unmasked tokens are carried over unchanged). Continuous-time NELBO:
+``E_t [ alpha'(t) / (1 - alpha(t)) * sum_{masked i} log p(x_i | x_t) ]``, whose weight is ``-1/t`` for
+this schedule, so the loss per sequence is ``(1/t) * sum_{masked i} CE_i``, reported per token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from glauber.methods.base import DiffusionModule
+from glauber.sampler import draw_categorical
+
+
+class MDLMModule(DiffusionModule):
+    """Masked diffusion (MDLM): training on the NELBO, ancestral or caching sampler.
+
+    ``val/loss`` is the NELBO per token in nats: an upper bound on the per-token negative
+    log-likelihood, up to the terms MDLM leaves out as well (``t < eps`` is not sampled, and
+    ``alpha(1) = eps`` rather than 0, so the prior term is ignored); directly comparable with the AR
+    baseline's per-token NLL.
+    """
+
+    def build_method(self, data_info: dict) -> None:
+        m = self.cfg.mdlm
+        if self.model.alpha_embed is not None:
+            raise ValueError("model.condition_on_alpha is a GGM option; MDLM conditions on t (mdlm.time_conditioning)")
+        if self.model.cfg.causal:
+            raise ValueError("model.causal=true is for the autoregressive baseline; MDLM needs bidirectional attention")
+        self._check_sampler(m.sampler)
+        self.last_sample_nfe: float | None = None
+        self.last_sample_stats: dict[str, float] = {}
+
+    def _check_sampler(self, sampler: str) -> None:
+        if sampler not in ("ancestral", "cache"):
+            raise ValueError(f"mdlm.sampler must be 'ancestral' or 'cache' (got {sampler!r})")
+        if sampler == "cache" and self.cfg.mdlm.time_conditioning:
+            raise ValueError(
+                "mdlm.sampler=cache reuses network outputs across steps, valid only for a time-independent network: "
+                "set mdlm.time_conditioning=false or mdlm.sampler=ancestral"
+            )
+
+    # -- schedule -------------------------------------------------------------------------------------
+    def alpha(self, t: Tensor) -> Tensor:
+        """Probability that a token is still unmasked at time ``t``: ``1 - (1 - eps) t``."""
+        return 1 - (1 - self.cfg.mdlm.eps) * t
+
+    def network(self, x_in: Tensor, hidden: Tensor, t: Tensor) -> Tensor:
+        """``h [N, V]`` at the masked positions; time input ``t`` or a constant 0 without time conditioning."""
+        time = t.float() if self.cfg.mdlm.time_conditioning else torch.zeros(x_in.shape[0], device=x_in.device)
+        return self.model(x_in, hidden, time)
+
+    def draw_times(self, B: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """``t`` in ``[eps, 1]``, low-discrepancy over the batch: ``(u + i / B) mod 1`` for one uniform ``u``
+        (each ``t`` is still uniform; the batch covers ``[0, 1]`` evenly, which lowers the loss variance)."""
+        u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+        s = (u + torch.arange(B, device=device, dtype=torch.float64) / B) % 1
+        eps = self.cfg.mdlm.eps
+        return (eps + (1 - eps) * s).float()
+
+    # -- training -------------------------------------------------------------------------------------
+    def compute_loss(self, batch: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
+        B, L = batch.shape
+        t = self.draw_times(B, generator, batch.device)
+        p_mask = (1 - self.alpha(t))[:, None]
+        masked = torch.rand((B, L), generator=generator, device=batch.device) < p_mask
+        h = self.network(batch.masked_fill(masked, self.vocab_size), masked, t)
+        ce = F.cross_entropy(h.float(), batch[masked], reduction="none")
+        rows = masked.nonzero(as_tuple=True)[0]
+        per_row_ce = torch.zeros(B, device=batch.device, dtype=ce.dtype).index_add(0, rows, ce)
+        per_row = per_row_ce / t / L  # weight -alpha'(t) / (1 - alpha(t)) = 1/t; per token
+        return per_row.mean(), {"per_row": per_row, "time": t, "masked": masked.sum(1)}
+
+    # -- sampling --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        steps: int | None = None,
+        template: Tensor | None = None,
+        clamp_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        float64: bool = True,
+        progress: bool = False,
+        sampler: str | None = None,
+        **ignored: Any,
+    ) -> Tensor:
+        """``[num_samples, L]`` from all-masked at ``t = 1`` down to ``t = 0`` in ``steps`` steps
+        (default ``mdlm.steps``, else ``L``). From ``t`` to ``s = t - 1/steps`` each masked position is
+        unmasked with probability ``(alpha(s) - alpha(t)) / (1 - alpha(t))`` (1 at the last step), its
+        token drawn from the network's categorical (``temperature``, ``top_p``, float64 by default).
+
+        ``sampler`` (default ``mdlm.sampler``): ``ancestral`` calls the network on the whole batch at
+        every step that has masked positions; ``cache`` calls it only on the rows that changed since
+        their last call (a row that unmasked nothing reuses its previous output; exact for a
+        time-independent network, and with the same seed it draws the same samples as ``ancestral``).
+        Afterwards ``last_sample_nfe`` is the mean number of network evaluations per sequence and
+        ``last_sample_stats`` also has the batched calls. Infilling: positions in ``clamp_mask`` keep
+        ``template``'s tokens and are never masked. ``ignored``: other methods' options."""
+        sampler = sampler or self.cfg.mdlm.sampler
+        self._check_sampler(sampler)
+        steps = steps or self.cfg.mdlm.steps or self.cfg.data.seq_len
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {steps})")
+        L, B, V = self.cfg.data.seq_len, num_samples, self.vocab_size
+        x = torch.full((B, L), V, dtype=torch.long, device=self.device)
+        if template is not None:
+            if clamp_mask is None:
+                raise ValueError("a template needs its clamp_mask")
+            clamp = clamp_mask.to(self.device, torch.bool).expand(B, L)
+            x = torch.where(clamp, template.to(self.device).long().expand(B, L), x)
+        calls, row_evals = 0, 0
+        h_cache: Tensor | None = None
+        changed = torch.ones(B, dtype=torch.bool, device=self.device)  # rows whose cached output is stale
+        with self.eval_weights():
+            for k in tqdm(range(steps, 0, -1), desc="sampling", disable=not progress, leave=False):
+                masked = x == V
+                if not bool(masked.any()):
+                    break
+                t = torch.full((B,), k / steps, dtype=torch.float64, device=self.device)
+                if sampler == "ancestral" or h_cache is None or bool(changed.all()):
+                    h = self.network(x, masked, t)
+                    calls, row_evals = calls + 1, row_evals + B
+                elif bool(changed.any()):
+                    h = self._merge(h_cache, masked, changed, self.network(x[changed], masked[changed], t[changed]))
+                    calls, row_evals = calls + 1, row_evals + int(changed.sum())
+                else:
+                    h = h_cache
+                # (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t for the log-linear schedule
+                p_unmask = 1.0 / k
+                unmask = torch.rand(h.shape[0], generator=generator, device=self.device, dtype=torch.float64) < p_unmask
+                tokens = draw_categorical(h[unmask], temperature, top_p, generator, float64)
+                pos = masked.nonzero(as_tuple=True)
+                x[pos[0][unmask], pos[1][unmask]] = tokens
+                changed = torch.zeros(B, dtype=torch.bool, device=self.device).index_fill_(0, pos[0][unmask], True)
+                changed &= (x == V).any(1)  # a row with nothing left to unmask is never evaluated again
+                if sampler == "cache":
+                    h_cache = h[~unmask]  # the outputs at the positions still masked, in row-major order
+        self.last_sample_nfe = row_evals / B
+        self.last_sample_stats = {
+            "steps": steps,
+            "network_calls": calls,
+            "row_evaluations": row_evals,
+            "nfe_per_sequence": row_evals / B,
+        }
+        return x
+
+    @staticmethod
+    def _merge(h_cache: Tensor, masked: Tensor, changed: Tensor, h_new: Tensor) -> Tensor:
+        """Outputs at every masked position (row-major order): ``h_cache`` holds the previous step's
+        outputs at exactly these positions (the still-masked ones), stale in the ``changed`` rows, whose
+        fresh outputs ``h_new`` replace them."""
+        out = h_cache.clone()
+        out[changed[masked.nonzero(as_tuple=True)[0]]] = h_new
+        return out
