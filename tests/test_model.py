@@ -152,3 +152,22 @@ def test_key_value_cache_decoding_equals_the_causal_forward():
     assert torch.allclose(steps, full, atol=1e-5)
     with pytest.raises(ValueError, match="causal"):
         make().new_cache(B, L)
+
+
+def test_learned_positions_break_translation_symmetry_and_check_length():
+    from glauber.model import DDiT, ModelConfig
+
+    torch.manual_seed(0)
+    net = DDiT(ModelConfig(size="tiny", dropout=0.0, learned_positions=8), vocab_size=5).eval()
+    x = torch.full((1, 8), 2)
+    hidden = torch.ones(1, 8, dtype=torch.bool)
+    time = torch.ones(1)
+    with torch.no_grad():
+        net.head.weight.normal_()
+        base = net(x, hidden, time)
+        net.pos_embed.weight[3] += torch.randn(net.pos_embed.weight.shape[1])  # only position 3 changes
+        moved = net(x, hidden, time)
+    assert not torch.allclose(base[3], moved[3])
+    assert torch.allclose(base[:3], moved[:3]) and torch.allclose(base[4:], moved[4:])  # the blocks start as identity
+    with pytest.raises(ValueError, match="learned_positions=8"):
+        net(torch.zeros(1, 9, dtype=torch.long), torch.ones(1, 9, dtype=torch.bool), time)

@@ -11,6 +11,9 @@ EPILOG = """examples:
   glauber sample runs/try/checkpoints/last.ckpt --num 4 --out samples.txt
   glauber sample CKPT --prefix "ROMEO:" --suffix "the end." --num 2      (infilling)
   glauber demo                     (train on tiny Shakespeare on CPU, write runs/demo/report.md)
+  glauber image-demo               (VQ + GGM on bundled emoji on CPU: samples, infilling, FID)
+  glauber compare                  (GGM vs its CE ablation, MDLM and AR on one budget)
+  glauber slurm --nodes 4 --gpus-per-node 8 experiments/owt.yaml   (render the sbatch script and submit; --dry-run prints)
   glauber config-help              (every config key, its type and default)
 """
 
@@ -89,10 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     from glauber.bench import add_bench_parser
     from glauber.compare import add_compare_parser
     from glauber.evaluate import add_eval_ppl_parser
+    from glauber.fid import add_eval_fid_parser
+    from glauber.image_demo import add_image_demo_parser
+    from glauber.slurm import add_slurm_parser
+    from glauber.train_vq import add_train_vq_parser
 
     add_bench_parser(sub)
     add_eval_ppl_parser(sub)
     add_compare_parser(sub)
+    add_train_vq_parser(sub)
+    add_eval_fid_parser(sub)
+    add_image_demo_parser(sub)
+    add_slurm_parser(sub)
     return parser
 
 
@@ -146,6 +157,22 @@ def main(argv: list[str] | None = None) -> int:
             from glauber.evaluate import eval_ppl_command
 
             eval_ppl_command(args)
+        elif args.command == "train-vq":
+            from glauber.train_vq import train_vq_command
+
+            train_vq_command(args)
+        elif args.command == "eval-fid":
+            from glauber.fid import eval_fid_command
+
+            eval_fid_command(args)
+        elif args.command == "image-demo":
+            from glauber.image_demo import image_demo_command
+
+            image_demo_command(args)
+        elif args.command == "slurm":
+            from glauber.slurm import slurm_command
+
+            slurm_command(args)
         elif args.command == "compare":
             from glauber.compare import compare_command
 

@@ -200,6 +200,8 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)} (got {cfg.method!r})")
+    if 0 < cfg.model.learned_positions < L:
+        raise ValueError(f"model.learned_positions={cfg.model.learned_positions} must be 0 (off) or >= data.seq_len={L}")
     if cfg.method == "ar":
         cfg.model.causal = True  # the autoregressive baseline is the causal backbone
     elif cfg.model.causal:

@@ -44,6 +44,8 @@ class ModelConfig:
     attention: ``auto`` (flash-attn when installed and running on CUDA in 16 bits, else PyTorch SDPA),
         ``sdpa`` (always PyTorch), ``flash`` (same as auto; flash-attn is never required).
     causal: causal self-attention (position ``i`` sees ``<= i``): the autoregressive baseline only.
+    learned_positions: > 0 adds learned absolute position embeddings (for up to that many positions)
+        to rotary attention, which alone only sees offsets; image token grids need it (0 = off).
     """
 
     size: str = "tiny"
@@ -57,6 +59,7 @@ class ModelConfig:
     tie_head: bool = False
     attention: str = "auto"
     causal: bool = False
+    learned_positions: int = 0
 
     def resolved(self) -> tuple[int, int, int]:
         if self.size not in SIZES:
@@ -186,6 +189,10 @@ class DDiT(nn.Module):
         if self.alpha_embed is not None:
             nn.init.zeros_(self.alpha_embed.weight)
             nn.init.zeros_(self.alpha_embed.bias)
+        # Rotary attention only sees offsets; images need to know where a token is (borders, centre).
+        self.pos_embed = nn.Embedding(cfg.learned_positions, width) if cfg.learned_positions > 0 else None
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=0.02)
         self.rotary = Rotary(width // heads)
         self.blocks = nn.ModuleList(
             Block(width, heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, cfg.attention, cfg.causal) for _ in range(blocks)
@@ -206,9 +213,20 @@ class DDiT(nn.Module):
             n -= self.embed.weight.numel() + (0 if self.head is None else self.head.weight.numel()) + self.head_bias.numel()
         return n
 
+    def positions(self, length: int, start: int) -> Tensor:
+        """Learned absolute position embeddings ``[length, D]`` from ``start``."""
+        if start + length > self.pos_embed.num_embeddings:
+            raise ValueError(
+                f"sequence of {start + length} positions but model.learned_positions={self.pos_embed.num_embeddings}: "
+                "set it to at least data.seq_len"
+            )
+        return self.pos_embed.weight[start : start + length]
+
     def trunk(self, x_in: Tensor, time: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Hidden states ``[B, L, D]`` and the conditioning vector ``[B, cond_dim]``."""
         x = self.embed(x_in)
+        if self.pos_embed is not None:
+            x = x + self.positions(x_in.shape[1], 0)
         if self.alpha_embed is not None:
             if alpha is None:
                 raise ValueError("this model was built with condition_on_alpha=True: pass alpha [B, L]")
@@ -264,6 +282,8 @@ class DDiT(nn.Module):
         if not 0 <= pos < max_len:
             raise ValueError(f"position {pos} outside the cache of length {max_len}")
         x = self.embed(token[:, None])
+        if self.pos_embed is not None:
+            x = x + self.positions(1, pos)
         c = F.silu(self.time_mlp(timestep_features(time, 256)))
         cos, sin = self.rotary(max_len, token.device)
         cos, sin = cos[:, pos : pos + 1], sin[:, pos : pos + 1]

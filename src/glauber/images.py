@@ -1,0 +1,102 @@
+"""Image side of the framework: token grids <-> pictures, grid PNGs, the region masks of image
+infilling, and sampling decoded images from a checkpoint. GGM itself only sees ``[B, h*w]`` token ids
+in raster order; everything pictorial lives here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def save_grid(images: np.ndarray | Tensor, path: str | Path, ncol: int = 8, pad: int = 2) -> Path:
+    """Write uint8 images ``[N, H, W, 3]`` as one PNG, ``ncol`` per row, white padding."""
+    from PIL import Image
+
+    imgs = np.asarray(images.cpu() if isinstance(images, Tensor) else images)
+    if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != np.uint8:
+        raise ValueError(f"save_grid wants uint8 [N, H, W, 3] (got {imgs.dtype} {imgs.shape})")
+    n, h, w, _ = imgs.shape
+    ncol = max(1, min(ncol, n))
+    nrow = -(-n // ncol)
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for k, img in enumerate(imgs):
+        r, c = divmod(k, ncol)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(out)
+    return out
+
+
+def region_mask(grid: tuple[int, int], region: str = "center") -> Tensor:
+    """Boolean ``[h*w]`` mask of the tokens to *regenerate* (the rest is clamped) in raster order.
+    ``center``: the central half-size square; ``bottom``/``right``: that half of the grid."""
+    h, w = grid
+    m = torch.zeros(h, w, dtype=torch.bool)
+    if region == "center":
+        m[h // 4 : h - h // 4, w // 4 : w - w // 4] = True
+    elif region == "bottom":
+        m[h // 2 :] = True
+    elif region == "right":
+        m[:, w // 2 :] = True
+    else:
+        raise ValueError(f"infill region must be center, bottom or right (got {region!r})")
+    return m.reshape(-1)
+
+
+def show_mask(images: np.ndarray, grid: tuple[int, int], free: Tensor, shade: int = 160) -> np.ndarray:
+    """Copies of ``images`` with the regenerated region greyed out, to show what the model was given."""
+    n, H, W, _ = images.shape
+    fh, fw = H // grid[0], W // grid[1]
+    pix = free.view(grid).repeat_interleave(fh, 0).repeat_interleave(fw, 1).numpy()
+    out = images.copy()
+    out[:, pix] = shade
+    return out
+
+
+class CheckpointImages:
+    """A trained image checkpoint with its VQ tokenizer: ``sample(n)`` and ``infill(ids, free)`` give
+    decoded uint8 images ``[n, H, W, 3]``."""
+
+    def __init__(self, module: Any, tokenizer: Any | None = None) -> None:
+        self.module = module
+        self.vq = tokenizer if tokenizer is not None else vq_of(module)
+        self.grid = tuple(self.vq.grid_shape)
+
+    def decode(self, ids: Tensor) -> np.ndarray:
+        with torch.no_grad():
+            imgs = self.vq.to_uint8(self.vq.decode_ids(ids.to(next(self.vq.parameters()).device).view(-1, *self.grid)))
+        return imgs.cpu().numpy() if isinstance(imgs, Tensor) else np.asarray(imgs)
+
+    def sample_ids(self, n: int, batch_size: int = 64, seed: int = 0, progress: bool = True, **options: Any) -> Tensor:
+        from glauber.inference import generate
+
+        return generate(self.module, n, batch_size, seed, progress=progress, **options)
+
+    def infill_ids(self, ids: Tensor, free: Tensor, seed: int = 0, **options: Any) -> Tensor:
+        gen = torch.Generator(device=self.module.device).manual_seed(seed)
+        return self.module.sample(ids.shape[0], template=ids, clamp_mask=~free, generator=gen, **options).cpu()
+
+
+def vq_of(module: Any) -> Any:
+    """The VQ tokenizer recorded in an image checkpoint (path + sha256 in its data info)."""
+    from glauber.vq import load_vq
+
+    info = module.data_info_.get("tokenizer") or {}
+    path = info.get("path")
+    if not path:
+        raise ValueError("this checkpoint does not record a VQ tokenizer (not an image run?)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"the VQ tokenizer this model was trained with, {path}, is missing: restore it or retrain it")
+    sha = info.get("sha256")
+    if sha:
+        from data_modules.images import file_sha256
+
+        got = file_sha256(path)
+        if got != sha:
+            raise ValueError(f"{path} is not the VQ tokenizer this model was trained with (sha256 {got[:12]} != {sha[:12]})")
+    return load_vq(path).to(module.device).eval()
