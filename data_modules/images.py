@@ -668,8 +668,9 @@ class ImageTokenDataModule(L.LightningDataModule):
         if self._tok is None and (path is None or not path.is_file()):
             raise FileNotFoundError(
                 f"VQ tokenizer data.tokenizer={self.cfg.tokenizer!r} not found ({path}): train one with `glauber train-vq` "
-                "or download a taming-transformers VQGAN checkpoint (e.g. the ImageNet f16 model) with its config yaml, "
-                "and point data.tokenizer at the .ckpt"
+                "or download a taming-transformers VQGAN (the paper's setting: vqgan_imagenet_f16_16384 from "
+                "https://github.com/CompVis/taming-transformers, 'ImageNet (f=16), 16384'), keeping its layout "
+                "NAME/checkpoints/last.ckpt + NAME/configs/model.yaml, and point data.tokenizer at the .ckpt"
             )
 
     def tokenizer_model(self) -> Any:
@@ -775,8 +776,17 @@ class ImageTokenDataModule(L.LightningDataModule):
 
     def check_available(self) -> None:
         """Fail within seconds, before any training machinery starts, when the data cannot be had:
-        the tokenizer must exist, and either a complete token cache or the images."""
-        self._check_tokenizer_file()
+        the tokenizer must exist, and either a complete token cache or the images. When both are missing,
+        one error names both."""
+        try:
+            self._check_tokenizer_file()
+        except FileNotFoundError as tok_error:
+            if read_meta(self.cache_path) is None and not is_hub_source(self.cfg.source):
+                try:
+                    _resolve(self.cfg.source)
+                except FileNotFoundError as data_error:
+                    raise FileNotFoundError(f"two things are missing. (1) {tok_error} (2) {data_error}") from None
+            raise
         meta = read_meta(self.cache_path)
         if meta is not None and stale_reason(self.cache_path, meta, self.cfg, None) is None:
             h, w = meta["grid"]

@@ -148,5 +148,5 @@ def test_eval_fid_command(tmp_path, tiny, capsys):
     fid.eval_fid_command(parser.parse_args(args))
     report = json.loads(out.read_text())
     assert {"fid", "n_generated", "n_reference", "route", "mode"} <= set(report) and report["n_reference"] == 15
-    with pytest.raises(ValueError, match="--generated and --reference"):
+    with pytest.raises(ValueError, match="--generated .or --checkpoint. and --reference"):
         fid.eval_fid_command(parser.parse_args(["eval-fid", "--generated", str(tmp_path / "gen.npz")]))

@@ -116,3 +116,14 @@ def test_eval_fid_from_checkpoint(demo_run):
     res = json.loads(report.read_text())
     assert res["n_generated"] == 12 and res["network_calls"] == 8 and math.isfinite(res["fid"])
     assert (demo_run / "fid_ckpt.samples.png").is_file()
+
+
+def test_paper_image_configs_stop_at_once_naming_what_to_download(tmp_path, monkeypatch, capsys):
+    from glauber.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no data/celeba_hq, no VQGAN checkpoint here
+    for name, data in (("celeba_hq", "data/celeba_hq"), ("ffhq", "data/ffhq")):
+        assert main(["train", str(ROOT / "experiments" / f"{name}.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert "vqgan_imagenet_f16_16384" in err and data in err and "taming-transformers" in err
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))

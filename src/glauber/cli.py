@@ -70,11 +70,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_config_help(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser(
+    p = sub.add_parser(
         "config-help",
         help="list every config key with its type and default",
         description="List every configuration key, its type and its default value.",
     )
+    p.add_argument("--modality", choices=("text", "image"), default="text", help="text (default) or image configs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_help() -> str:
-    from glauber.config import ExperimentConfig
+def config_help(modality: str = "text") -> str:
+    from glauber.config import ExperimentConfig, ImageExperimentConfig
 
     lines: list[str] = []
 
@@ -123,7 +124,7 @@ def config_help() -> str:
                 t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
                 lines.append(f"  {prefix}{f.name}: {t} = {value!r}")
 
-    walk(ExperimentConfig(), "")
+    walk(ImageExperimentConfig() if modality == "image" else ExperimentConfig(), "")
     return "\n".join(lines).lstrip()
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.config, args.out, args.overrides)
         elif args.command == "config-help":
-            print(config_help())
+            print(config_help(args.modality))
         elif args.command == "eval-ppl":
             from glauber.evaluate import eval_ppl_command
 

@@ -140,13 +140,12 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     nfes = sorted({int(n) for n in args.nfe.split(",")})
     cfgs = {n: method_config(args.config, n, out, args.overrides) for n in names}  # all validated before any training
-    train_s = {n: train_method(cfg, out / n) for n, cfg in cfgs.items()}
-
     judge_name = args.judge
     if judge_name is None:
         if "ar" not in cfgs:
             raise ValueError("no --judge given and 'ar' is not among --methods: add ar or pass --judge")
         judge_name = str(out / "ar" / "checkpoints" / "last.ckpt")
+    train_s = {n: train_method(cfg, out / n) for n, cfg in cfgs.items()}
     judge = load_judge(judge_name, device)
 
     rows: list[Row] = []

@@ -42,7 +42,7 @@ def add_image_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vq-config", default="experiments/vq_emoji.yaml", help="VQ tokenizer config")
     p.add_argument("--config", default="experiments/emoji.yaml", help="GGM config")
     p.add_argument(
-        "--num-fid", type=int, default=400, help="images per FID set and in the reference (default 400; at most half the data)"
+        "--num-fid", type=int, default=300, help="images per FID set and in the reference (default 300; at most half the data)"
     )
     p.add_argument("--m", type=int, default=None, help="positions per network call when sampling (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -122,6 +122,12 @@ def image_demo_command(args: argparse.Namespace) -> Path:
         "positions_per_step": sched.m,
     }
     (out / "fid.json").write_text(json.dumps(result, indent=1) + "\n")
+    result["command"] = "glauber image-demo " + " ".join(
+        [f"--out {out}", f"--num-fid {args.num_fid}"]
+        + ([f"--m {args.m}"] if args.m else [])
+        + (["--vq-overrides", *args.vq_overrides] if args.vq_overrides else [])
+        + (["--", *args.overrides] if args.overrides else [])
+    )
     write_report(out, cfg, result, module)
     print(f"report: {out / 'report.md'}")
     return out
@@ -133,7 +139,7 @@ def write_report(out: Path, cfg, result: dict, module) -> None:
     lines = [
         "# glauber image demo: GGM on VQ tokens of 32x32 emoji (CPU)",
         "",
-        f"- command: `glauber image-demo --out {out}`; configs `experiments/vq_emoji.yaml`, `experiments/emoji.yaml`",
+        f"- command: `{result['command']}`; configs `experiments/vq_emoji.yaml`, `experiments/emoji.yaml`",
         f"- VQ tokenizer: 32x32 -> {cfg.data.seq_len} tokens, codebook {module.vocab_size}; trained in "
         f"{t['vq_training_s'] / 60:.1f} min (log: `{vq_log}`; reconstructions `vq/recon.png`)",
         f"- GGM: {module.model.num_parameters() / 1e6:.2f}M non-embedding parameters, {cfg.train.max_steps} steps of batch "

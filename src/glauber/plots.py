@@ -88,8 +88,14 @@ def plot_comparison(rows: list[dict], labels: dict[str, str], out_png: str | Pat
         axes[0].plot(nfe, [r["gen_ppl"] for r in pts], "o-", label=label)
         axes[1].plot(nfe, [r["entropy"] for r in pts], "o-", label=label)
         axes[2].plot([r["sample_s"] / r["num_samples"] for r in pts], [r["gen_ppl"] for r in pts], "o-", label=label)
-    for ax, (xl, yl) in zip(axes, [("network calls", "generative perplexity"), ("network calls", "unigram entropy (nats)"),
-                                    ("sampling seconds per sample", "generative perplexity")]):
+    for ax, (xl, yl) in zip(
+        axes,
+        [
+            ("network calls", "generative perplexity"),
+            ("network calls", "unigram entropy (nats)"),
+            ("sampling seconds per sample", "generative perplexity"),
+        ],
+    ):
         ax.set_xscale("log")
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
