@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.sampling import ResumableSampler
-from data_modules.text import _hf_cached, _hf_offline, _rank_world, _say, source_slug
+from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
+from data_modules.text import _hf_cached, _hf_offline, _say, source_slug
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
 
 FORMAT_VERSION = 1
@@ -607,7 +607,7 @@ class TokenRows(Dataset):
         return {**self.__dict__, "_data": None}
 
 
-class ImageTokenDataModule(L.LightningDataModule):
+class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
     """VQ token grids of images, ``[B, h*w]`` LongTensors in raster order, sharded over DDP ranks and
     resumable mid-run (the same contract as ``TextDataModule``).
 
@@ -813,7 +813,7 @@ class ImageTokenDataModule(L.LightningDataModule):
             cache = self.cache_path
             meta = read_meta(cache)
             if meta is None or stale_reason(cache, meta, self.cfg, None) is not None:
-                if _rank_world(self.trainer)[1] > 1:
+                if rank_world(self.trainer)[1] > 1:
                     raise FileNotFoundError(f"token cache {cache} is missing or incomplete: run prepare_data() first")
                 self.prepare_data()
                 meta = read_meta(cache)
@@ -824,7 +824,7 @@ class ImageTokenDataModule(L.LightningDataModule):
     # -- datasets and loaders ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         meta, cache = self._load_meta(), self.cache_path
-        world = _rank_world(self.trainer)[1]
+        world = rank_world(self.trainer)[1]
         L_ = meta["seq_len"]
         self.train_set = TokenRows(cache / "train.bin", meta["rows"]["train"], L_)
         if len(self.train_set) < world:
@@ -833,37 +833,6 @@ class ImageTokenDataModule(L.LightningDataModule):
         self.val_set = TokenRows(cache / "val.bin", n_val, L_) if n_val else None
         if self.val_set is not None and n_val < world:
             raise ValueError(f"{n_val} validation images for {world} ranks: raise data.val_size (or val_fraction)")
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        rank, world = _rank_world(self.trainer)
-        n = len(self.train_set)
-        num_samples = self.max_train_samples if self.max_train_samples and self.max_train_samples > 0 else n // world
-        self._sampler = ResumableSampler(n, num_samples, self.cfg.seed, rank, world, shuffle=True, start=self._consumed)
-        return self._loader(self.train_set, self.batch_size, self._sampler, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Rank r's share r, r + W, ... of the validation images (equal counts per rank); [] if there are none."""
-        if self.train_set is None:
-            self.setup("validate")
-        if self.val_set is None:
-            return []
-        rank, world = _rank_world(self.trainer)
-        per_rank = len(self.val_set) // world
-        return self._loader(self.val_set, self.val_batch_size, range(rank, per_rank * world, world), drop_last=False)
-
-    def _loader(self, ds: Dataset, batch_size: int, sampler: Any, drop_last: bool) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-        )
 
     def val_tokens(self, n: int) -> torch.Tensor | None:
         """The first ``n`` validation token rows ``[n, h*w]`` (None without a validation split)."""
@@ -878,32 +847,6 @@ class ImageTokenDataModule(L.LightningDataModule):
         """float64 ``[V]`` token counts over the train split (for the unigram noise law)."""
         self._load_meta()
         return torch.from_numpy(np.load(self.cache_path / "unigram.npy")).double()
-
-    # -- resuming -----------------------------------------------------------------------------------
-    def set_consumed(self, k: int) -> None:
-        """This rank has consumed ``k`` training rows: the train stream (re)starts at draw ``k``."""
-        if k < 0:
-            raise ValueError(f"consumed sample count must be >= 0 (got {k})")
-        self._consumed = int(k)
-        if self._sampler is not None:
-            self._sampler.set_start(self._consumed)
-
-    @property
-    def consumed(self) -> int:
-        return self._consumed
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self._consumed += len(batch)
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"consumed_train_samples": self._consumed, "world_size": _rank_world(self.trainer)[1]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the train stream; with another world size, at the same global position."""
-        world = _rank_world(self.trainer)[1]
-        self.set_consumed(state_dict["consumed_train_samples"] * state_dict.get("world_size", world) // world)
 
     # -- pictures -----------------------------------------------------------------------------------
     def decode_images(self, ids: Any) -> np.ndarray:

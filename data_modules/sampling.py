@@ -10,9 +10,10 @@ how the training loop iterates it, only on ``(num_items, seed, rank, world_size)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 CHUNK = 1 << 16
 
@@ -82,3 +83,79 @@ class ResumableSampler(Sampler[int]):
             take = min(count, CHUNK)  # converted to Python ints a chunk at a time, not a whole epoch
             yield from self.permutation(epoch)[pos : pos + take * W : W].tolist()
             n += take
+
+
+def rank_world(trainer: Any) -> tuple[int, int]:
+    """(global rank, world size): from the trainer when attached, else torch.distributed, else (0, 1)."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardedLoaders:
+    """Train and validation loaders of a DataModule holding ``train_set``/``val_set`` rows, sharded over
+    DDP ranks and resumable mid-run: training draws come from ``ResumableSampler``; validation rows are
+    split by rank (rank r takes r, r + W, ...) with equal counts per rank (at most W - 1 left out), so the
+    Trainer runs with ``use_distributed_sampler=False``. The rows this rank consumed are kept in
+    ``state_dict``. Expects ``cfg.seed``, ``cfg.num_workers``, ``batch_size``, ``val_batch_size``,
+    ``max_train_samples`` and ``setup``; starts with ``_consumed = 0`` and ``_sampler = None``."""
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        rank, world = rank_world(self.trainer)
+        n = len(self.train_set)
+        num_samples = self.max_train_samples if self.max_train_samples and self.max_train_samples > 0 else n // world
+        self._sampler = ResumableSampler(n, num_samples, self.cfg.seed, rank, world, shuffle=True, start=self._consumed)
+        return self._loader(self.train_set, self.batch_size, self._sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Rank r's share r, r + W, ... of the validation sequences (equal counts per rank); [] if there are none."""
+        if self.train_set is None:
+            self.setup("validate")
+        if self.val_set is None:
+            return []
+        rank, world = rank_world(self.trainer)
+        per_rank = len(self.val_set) // world
+        return self._loader(self.val_set, self.val_batch_size, range(rank, per_rank * world, world), drop_last=False)
+
+    def _loader(self, ds: Dataset, batch_size: int, sampler: Any, drop_last: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    # -- resuming -------------------------------------------------------------------------------
+    def set_consumed(self, k: int) -> None:
+        """This rank has consumed ``k`` training sequences: the train stream (re)starts at draw ``k``."""
+        if k < 0:
+            raise ValueError(f"consumed sample count must be >= 0 (got {k})")
+        self._consumed = int(k)
+        if self._sampler is not None:
+            self._sampler.set_start(self._consumed)
+
+    @property
+    def consumed(self) -> int:
+        return self._consumed
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called once per batch the training loop actually takes, so the count in state_dict stays exact.
+        if self.trainer is not None and self.trainer.training:
+            self._consumed += len(batch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_train_samples": self._consumed, "world_size": rank_world(self.trainer)[1]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the train stream; with another world size, at the same global position."""
+        world = rank_world(self.trainer)[1]
+        self.set_consumed(state_dict["consumed_train_samples"] * state_dict.get("world_size", world) // world)

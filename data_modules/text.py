@@ -47,9 +47,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data_modules.sampling import ResumableSampler
+from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
 from data_modules.tokenizers import (
     CharTokenizer,
     HubUnreachableError,
@@ -518,16 +518,7 @@ class TokenWindows(Dataset):
         return {**self.__dict__, "_data": None}
 
 
-def _rank_world(trainer: Any) -> tuple[int, int]:
-    """(global rank, world size): from the trainer when attached, else torch.distributed, else (0, 1)."""
-    if trainer is not None:
-        return int(trainer.global_rank), int(trainer.world_size)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ShardedLoaders, L.LightningDataModule):
     """Sequences of tokenised text, sharded over DDP ranks and resumable mid-run.
 
     ``batch_size`` is per device; ``max_train_samples`` is how many sequences this rank draws in the
@@ -620,9 +611,9 @@ class TextDataModule(L.LightningDataModule):
             cache = self.cache_path
             meta = read_meta(cache)
             if meta is None or stale_reason(cache, meta, self.cfg, None) is not None:
-                if _rank_world(self.trainer)[1] > 1:
+                if rank_world(self.trainer)[1] > 1:
                     raise FileNotFoundError(
-                        f"token cache {cache} is missing or incomplete on this process (rank {_rank_world(self.trainer)[0]}): "
+                        f"token cache {cache} is missing or incomplete on this process (rank {rank_world(self.trainer)[0]}): "
                         "global rank 0 builds it once, so data.cache_dir must be on a filesystem shared by all nodes, "
                         "or a complete cache must be copied to the same path on every node beforehand"
                     )
@@ -638,7 +629,7 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         meta, cache, cfg = self._load_meta(), self.cache_path, self.cfg
         tok = self.tokenizer
-        world = _rank_world(self.trainer)[1]
+        world = rank_world(self.trainer)[1]
 
         def windows(split: str) -> TokenWindows:
             return TokenWindows(
@@ -661,64 +652,6 @@ class TextDataModule(L.LightningDataModule):
                 f"the validation split has {n_val:,} tokens, fewer than the {need:,} needed for one sequence of "
                 f"data.seq_len={cfg.seq_len} per rank: raise data.val_fraction (or val_documents), or lower data.seq_len"
             )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        rank, world = _rank_world(self.trainer)
-        n = len(self.train_set)
-        num_samples = self.max_train_samples if self.max_train_samples and self.max_train_samples > 0 else n // world
-        self._sampler = ResumableSampler(n, num_samples, self.cfg.seed, rank, world, shuffle=True, start=self._consumed)
-        return self._loader(self.train_set, self.batch_size, self._sampler, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Rank r's share r, r + W, ... of the validation sequences (equal counts per rank); [] if there are none."""
-        if self.train_set is None:
-            self.setup("validate")
-        if self.val_set is None:
-            return []
-        rank, world = _rank_world(self.trainer)
-        per_rank = len(self.val_set) // world
-        return self._loader(self.val_set, self.val_batch_size, range(rank, per_rank * world, world), drop_last=False)
-
-    def _loader(self, ds: Dataset, batch_size: int, sampler: Any, drop_last: bool) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-        )
-
-    # -- resuming -------------------------------------------------------------------------------
-    def set_consumed(self, k: int) -> None:
-        """This rank has consumed ``k`` training sequences: the train stream (re)starts at draw ``k``."""
-        if k < 0:
-            raise ValueError(f"consumed sample count must be >= 0 (got {k})")
-        self._consumed = int(k)
-        if self._sampler is not None:
-            self._sampler.set_start(self._consumed)
-
-    @property
-    def consumed(self) -> int:
-        return self._consumed
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Called once per batch the training loop actually takes, so the count in state_dict stays exact.
-        if self.trainer is not None and self.trainer.training:
-            self._consumed += len(batch)
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"consumed_train_samples": self._consumed, "world_size": _rank_world(self.trainer)[1]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the train stream; with another world size, at the same global position."""
-        world = _rank_world(self.trainer)[1]
-        self.set_consumed(state_dict["consumed_train_samples"] * state_dict.get("world_size", world) // world)
 
     # -- tokenizer --------------------------------------------------------------------------------
     @property
