@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
-from data_modules.text import _hf_cached, _hf_offline, _say, source_slug
+from data_modules.text import _hf_cached, _hf_offline, _say, read_meta, source_slug
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
 
 FORMAT_VERSION = 1
@@ -412,13 +412,6 @@ def split_indices(n: int, cfg: ImageDataConfig) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"{n_val} validation images leave none to train on ({n} images): lower data.val_size / val_fraction")
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def read_meta(cache: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((cache / "meta.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def stale_reason(cache: Path, meta: dict[str, Any] | None, cfg: ImageDataConfig, signature: list[Any] | None) -> str | None:

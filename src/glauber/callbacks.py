@@ -93,31 +93,6 @@ class ValidationSamples(Callback):
                 exp.add_text("samples", "\n\n".join(f"    {t}".replace("\n", "\n    ") for t in texts), trainer.global_step)
 
 
-def judge_report(
-    texts: list[str], sample_ids: torch.Tensor, judge: Any, device: torch.device, num_samples: int, batch_size: int = 8
-) -> dict[str, Any]:
-    """``glauber.judges.evaluate_texts`` for one rank's share of the samples, with the metric states on
-    ``device`` so that their DDP synchronisation (torchmetrics, at ``compute``) also works with NCCL;
-    every rank must call it (with zero texts if it has none). The numbers cover all ranks' samples."""
-    from glauber.metrics import GenerativePerplexity, UnigramEntropy
-
-    ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length).to(device)
-    entropy = UnigramEntropy().to(device)
-    for start in range(0, len(texts), batch_size):
-        ids, mask = judge.encode(texts[start : start + batch_size])
-        ppl.update(ids.to(device), mask.to(device))
-    entropy.update(sample_ids.cpu())
-    res = ppl.compute()
-    return {
-        "gen_ppl": float(res["gen_ppl"]),
-        "gen_ppl_per_seq": float(res["gen_ppl_per_seq"]),
-        "scored_tokens": int(res["scored_tokens"]),
-        "unigram_entropy": float(entropy.compute()),
-        "num_samples": num_samples,
-        "judge": judge.name,
-    }
-
-
 class GenerativePerplexityEval(Callback):
     """Every ``every_steps`` optimizer steps each rank draws its share of ``num_samples`` samples (EMA weights,
     float64 draws, rank r with seed ``train.seed + 999 + r``) and scores them with the judge; the judge's
@@ -141,13 +116,13 @@ class GenerativePerplexityEval(Callback):
         self._last = step
         import json
 
-        from glauber.judges import load_judge
+        from glauber.judges import evaluate_texts, load_judge
 
         judge = load_judge(self.judge_name, str(pl_module.device))
         ids = draw_share(pl_module, trainer, self.num, pl_module.cfg.train.seed + 999, {**self.options, "float64": True})
         dm = trainer.datamodule
         texts = [dm.decode(r.tolist()) for r in ids.cpu()]
-        report = self.last_report = judge_report(texts, ids, judge, pl_module.device, self.num)
+        report = self.last_report = evaluate_texts(texts, judge, ids, device=pl_module.device, num_samples=self.num)
         if not trainer.is_global_zero:
             return
         metrics = {

@@ -129,14 +129,23 @@ def load_judge(name_or_path: str, device: str = "cpu", gguf_file: str | None = N
     return HFJudge(name_or_path, device, gguf_file)
 
 
-def evaluate_texts(texts: list[str], judge: Judge, sample_ids: Tensor | None = None, batch_size: int = 8) -> dict[str, float]:
+def evaluate_texts(
+    texts: list[str],
+    judge: Judge,
+    sample_ids: Tensor | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_samples: int | None = None,
+) -> dict[str, float]:
     """Generative perplexity of decoded samples under ``judge`` (both averages) and the unigram entropy
-    of the samples' own token ids (of the judge's tokens when ``sample_ids`` is not given)."""
-    ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length)
-    entropy = UnigramEntropy()
+    of the samples' own token ids (of the judge's tokens when ``sample_ids`` is not given).
+    Under DDP every rank calls it with its share (possibly none): the metric states live on ``device``
+    (so NCCL can synchronise them) and the numbers cover all ranks' samples, ``num_samples`` in all."""
+    ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length).to(device)
+    entropy = UnigramEntropy().to(device)
     for start in range(0, len(texts), batch_size):
         ids, mask = judge.encode(texts[start : start + batch_size])
-        ppl.update(ids, mask)
+        ppl.update(ids.to(device), mask.to(device))
         if sample_ids is None:
             for row, m in zip(ids, mask):
                 entropy.update(row[m][None])
@@ -148,6 +157,6 @@ def evaluate_texts(texts: list[str], judge: Judge, sample_ids: Tensor | None = N
         "gen_ppl_per_seq": float(res["gen_ppl_per_seq"]),
         "scored_tokens": int(res["scored_tokens"]),
         "unigram_entropy": float(entropy.compute()),
-        "num_samples": len(texts),
+        "num_samples": len(texts) if num_samples is None else num_samples,
         "judge": judge.name,
     }
