@@ -34,20 +34,11 @@ STEPS = 6
 
 
 def judge_dir(root: Path) -> Path:
-    """A tiny random GPT-2 judge saved locally (as tests/test_judges.py builds it)."""
-    transformers = pytest.importorskip("transformers")
-    from data_modules.tokenizers import bundled_gpt2_path
+    """A tiny random GPT-2 judge saved locally (tests/tiny_judge.py, as tests/test_judges.py uses)."""
+    pytest.importorskip("transformers")
+    from tiny_judge import make_tiny_judge
 
-    d = root / "judge"
-    if not (d / "config.json").exists():
-        torch.manual_seed(0)
-        cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=50257)
-        transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
-        tok = transformers.PreTrainedTokenizerFast(
-            tokenizer_file=str(bundled_gpt2_path()), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-        )
-        tok.save_pretrained(d)
-    return d
+    return make_tiny_judge(root / "judge")
 
 
 def overrides(tmp: Path, run: str) -> list[str]:

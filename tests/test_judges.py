@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from data_modules.tokenizers import bundled_gpt2_path
 from glauber.judges import HFJudge, evaluate_texts
 
 transformers = pytest.importorskip("transformers")
@@ -15,15 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("judge")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=50257)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(bundled_gpt2_path()), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
-    tok.save_pretrained(d)
-    return d
+    from tiny_judge import make_tiny_judge
+
+    return make_tiny_judge(tmp_path_factory.mktemp("judge"))
 
 
 def test_local_judge_matches_direct_computation(judge_dir):
