@@ -278,7 +278,7 @@ def test_codebook_usage():
         (["vq.chh=3"], "unknown config key 'vq.chh'"),
         (["epochs=3"], "unknown config key 'epochs'"),
         (["max_steps=lots"], "bad value for config key 'max_steps'"),
-        (["vq.ch=48"], "vq.ch"),
+        (["vq.ch=20"], "multiple of vq.norm_groups=16"),
         (["image_size=64"], "image_size=64 differs from vq.resolution=32"),
         (["val_fraction=0"], "val_fraction must be in"),
         (["codebook_ema=1.5"], "codebook_ema"),
