@@ -1,12 +1,14 @@
 """Unit behaviour of the training batch, the losses' numerics and the categorical draw."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from stats import tv_bound
 
 from glauber.loss import analytic_loss, cross_entropy_loss, draw_step_noise, ggm_loss, single_sample_loss
 from glauber.noise import NoiseLaw
-from glauber.process import make_training_example
+from glauber.process import make_training_example, step_probs
 from glauber.sampler import draw_categorical, glauber_sample
 from glauber.schedule import GlauberSchedule
 
@@ -28,6 +30,26 @@ def test_training_example_hides_exactly_S_t_and_targets_are_X_t():
     ex0 = make_training_example(x0, sched, law, 7, gen, t=torch.zeros(64, dtype=torch.long))
     assert torch.equal(ex0.targets, x0.gather(1, ex0.positions))
     assert torch.equal(ex0.x_in[~ex0.hidden_mask], x0[~ex0.hidden_mask])
+
+
+@pytest.mark.parametrize("clock", ["visit", "sweep"])
+def test_inverse_noise_step_law_follows_one_over_noise_rate_and_is_drawn(clock):
+    sched = GlauberSchedule(8, sweeps=2, positions_per_step=2, order="random", clock=clock, alpha_min=0.01)
+    assert torch.equal(step_probs(sched, "uniform"), torch.full((sched.num_steps,), 1 / sched.num_steps, dtype=torch.float64))
+    p = step_probs(sched, "inverse_noise")
+    w = (1 / (1 - sched.step_pi_phi.double())).mean(1)
+    assert abs(float(p.sum()) - 1) < 1e-12 and (p > 0).all()
+    assert torch.allclose(p, w / w.sum(), rtol=1e-12, atol=0)
+    # near-clean steps (Pi_t(phi) close to 1) are drawn more often than the noisiest ones
+    assert p[0] > p[-1]
+    gen = torch.Generator().manual_seed(5)
+    n = 200_000
+    x0 = torch.randint(0, 4, (n, 8), generator=gen)
+    ex = make_training_example(x0, sched, NoiseLaw.uniform(4), 4, gen, t_probs=p)
+    freq = torch.bincount(ex.t, minlength=sched.num_steps).double() / n
+    assert 0.5 * float((freq - p).abs().sum()) < tv_bound(p, n)
+    with pytest.raises(ValueError, match="step weighting must be one of"):
+        step_probs(sched, "fisher")
 
 
 def test_training_targets_are_noised_tokens_with_the_right_signal_level():
@@ -114,3 +136,29 @@ def test_sampler_queries_only_the_hidden_positions_once_per_step():
     glauber_sample(denoiser, sched, law, num_samples=3, generator=torch.Generator().manual_seed(0))
     assert [s for s, _ in seen] == list(range(5, -1, -1))
     assert all(sorted(pos) == sorted(sched.positions[s].tolist()) for s, pos in seen)
+
+
+def test_ggm_module_draws_weighted_steps_in_training_and_uniform_ones_for_validation_nll():
+    from glauber.config import load_config
+    from glauber.methods.ggm import GGMModule
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml",
+        ["process.loss=cross_entropy", "process.step_weighting=inverse_noise", "schedule.positions_per_step=1", "process.train_positions_per_step=[1]"],
+    )
+    module = GGMModule(cfg, vocab_size=6)
+    batch = torch.randint(0, 6, (4096, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    sched = module.schedule()
+    module.train()
+    _, extra = module.compute_loss(batch, torch.Generator().manual_seed(1))
+    assert "nll_per_row" not in extra  # training computes only its loss
+    early = float((extra["time"] < 0.25).double().mean())  # near-clean steps, over-drawn by inverse_noise
+    p = step_probs(sched, "inverse_noise")
+    expected = float(p[torch.arange(sched.num_steps) / sched.num_steps < 0.25].sum())
+    assert abs(early - expected) < 5 * (expected * (1 - expected) / 4096) ** 0.5 and expected > 0.3
+    module.eval()
+    with torch.no_grad():
+        _, extra = module.compute_loss(batch, torch.Generator().manual_seed(1))
+    assert abs(float((extra["time"] < 0.25).double().mean()) - 0.25) < 0.03  # validation stays uniform
+    # with the cross-entropy loss the loss-independent validation NLL is the loss itself
+    assert torch.allclose(extra["nll_per_row"], extra["per_row"], rtol=1e-6)

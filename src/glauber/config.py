@@ -28,12 +28,16 @@ class ProcessConfig:
         (ablation, not GGM).
     train_positions_per_step: hidden-set sizes ``m`` drawn per training batch (each must divide L);
         empty means the schedule's ``positions_per_step`` only.
+    step_weighting: how training steps ``t`` are drawn: ``uniform`` (the paper) or ``inverse_noise``
+        (in proportion to ``1 / (1 - Pi_t(phi))``). The minimiser is the same (each step's conditional
+        is learned on its own); only the training effort per step moves. Validation stays uniform.
     """
 
     noise: str = "uniform"
     unigram_smoothing: float = 1.0
     loss: str = "analytic"
     train_positions_per_step: list[int] = field(default_factory=list)
+    step_weighting: str = "uniform"
 
 
 @dataclass
@@ -89,6 +93,7 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue from run_dir's last.ckpt if present | never | a checkpoint path
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
     progress_bar: bool = True
+    threads: int = 0  # CPU threads of PyTorch per process (0: its default); 1 is often fastest for tiny models on a few cores
 
 
 @dataclass
@@ -196,6 +201,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"process.noise must be 'uniform' or 'unigram' (got {cfg.process.noise!r})")
     if cfg.process.loss not in ("analytic", "single_sample", "cross_entropy"):
         raise ValueError(f"process.loss must be analytic, single_sample or cross_entropy (got {cfg.process.loss!r})")
+    from glauber.process import STEP_WEIGHTINGS
+
+    if cfg.process.step_weighting not in STEP_WEIGHTINGS:
+        raise ValueError(f"process.step_weighting must be one of {STEP_WEIGHTINGS} (got {cfg.process.step_weighting!r})")
     from glauber.methods import METHODS
 
     if cfg.method not in METHODS:
@@ -236,6 +245,8 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError("image.fid_every_steps must be >= 0 and image.fid_num_samples >= 2")
     if cfg.train.global_batch_size < 1:
         raise ValueError("train.global_batch_size must be >= 1")
+    if cfg.train.threads < 0:
+        raise ValueError(f"train.threads must be >= 0 (0: PyTorch's default; got {cfg.train.threads})")
 
 
 def batch_layout(global_batch: int, world_size: int, micro_batch: int | None) -> tuple[int, int]:

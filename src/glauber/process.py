@@ -68,6 +68,24 @@ def simulate_forward(
     return x
 
 
+STEP_WEIGHTINGS = ("uniform", "inverse_noise")
+
+
+def step_probs(schedule: GlauberSchedule, weighting: str = "uniform") -> Tensor:
+    """The training law of ``t`` over ``0..T-1`` (float64): uniform (the paper), or in proportion to the
+    mean over ``S_t`` of ``1 / (1 - Pi_t(phi))`` (``inverse_noise``). A near-clean step adds noise
+    with probability ``1 - Pi_t(phi)`` only, so the binary classifier sees few negatives there and learns
+    slowly; ``inverse_noise`` visits those steps more often. The minimiser is unchanged."""
+    pi = schedule.step_pi_phi.double()
+    if weighting == "uniform":
+        w = torch.ones(schedule.num_steps, dtype=torch.float64)
+    elif weighting == "inverse_noise":
+        w = (1 / (1 - pi)).mean(1)
+    else:
+        raise ValueError(f"step weighting must be one of {STEP_WEIGHTINGS} (got {weighting!r})")
+    return w / w.sum()
+
+
 @dataclass
 class TrainingExample:
     """One batch of denoising problems at random steps.
@@ -93,11 +111,15 @@ def make_training_example(
     hidden_id: int,
     generator: torch.Generator | None = None,
     t: Tensor | None = None,
+    t_probs: Tensor | None = None,
 ) -> TrainingExample:
-    """Draw ``t ~ U{0..T-1}`` per row (unless given), ``X_t`` in closed form, and hide ``S_t``."""
+    """Draw ``t`` per row (unless given: ``U{0..T-1}``, or ``t_probs`` from ``step_probs``), ``X_t`` in
+    closed form, and hide ``S_t``."""
     _check_batch(x0, schedule, law)
-    if t is None:
+    if t is None and t_probs is None:
         t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
+    elif t is None:
+        t = torch.multinomial(t_probs.to(x0.device), x0.shape[0], replacement=True, generator=generator)
     xt = noise_to(x0, t, schedule, law, generator)
     pos = schedule.step_positions(t)
     pi = schedule.pi_phi(t)

@@ -190,6 +190,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> Path:
     """Fit a model as configured; returns the run directory."""
     run_dir = Path(cfg.train.run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     per_device, accumulate = batch_layout(cfg.train.global_batch_size, world_size(cfg), cfg.train.micro_batch_size)
     ckpt = resume_path(cfg, run_dir)
     container = OmegaConf.to_container(cfg, resolve=True)

@@ -53,6 +53,7 @@ class DiffusionModule(L.LightningModule):
         if self.cfg.optim.ema > 0:
             self.ema = EMA(self.model, self.cfg.optim.ema)
         self.val_loss = MeanMetric()
+        self.val_nll = MeanMetric()
         self.val_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_BUCKETS))
         self.build_method(self.data_info_)
 
@@ -137,6 +138,8 @@ class DiffusionModule(L.LightningModule):
         _, extra = self.compute_loss(batch, gen)
         per_row = extra["per_row"].float()
         self.val_loss.update(per_row)
+        if "nll_per_row" in extra:
+            self.val_nll.update(extra["nll_per_row"].float())
         if "time" in extra:
             bucket = (extra["time"] * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
             for k in range(NUM_BUCKETS):
@@ -147,6 +150,9 @@ class DiffusionModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
         self.val_loss.reset()
+        if self.val_nll.update_count:
+            self.log("val/nll", self.val_nll.compute(), sync_dist=False)
+            self.val_nll.reset()
         for k, metric in enumerate(self.val_buckets):
             # compute() is a DDP collective: every rank takes part for every bucket any rank saw
             if self.trainer.strategy.reduce_boolean_decision(bool(metric.update_count), all=False):

@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from glauber.loss import ggm_loss
+from glauber.loss import cross_entropy_loss, ggm_loss
 from glauber.methods.base import DiffusionModule
 from glauber.noise import NoiseLaw
-from glauber.process import make_training_example
+from glauber.process import make_training_example, step_probs
 from glauber.sampler import Denoiser, glauber_sample
 from glauber.schedule import GlauberSchedule
 
@@ -33,6 +33,7 @@ class GGMModule(DiffusionModule):
         base = self.cfg.schedule.positions_per_step
         self.train_ms = sorted(set(p.train_positions_per_step) or {base})
         self._schedules: dict[int, GlauberSchedule] = {}
+        self._t_probs: dict[tuple[int, torch.device], Tensor] = {}
         self._laws: dict[torch.device, NoiseLaw] = {}
 
     def schedule(self, m: int | None = None) -> GlauberSchedule:
@@ -42,6 +43,14 @@ class GGMModule(DiffusionModule):
             sc = OmegaConf.merge(self.cfg.schedule, {"positions_per_step": m})
             self._schedules[m] = GlauberSchedule.from_config(sc, self.cfg.data.seq_len)
         return self._schedules[m]
+
+    def train_step_probs(self, m: int, device: torch.device) -> Tensor | None:
+        """The training law of ``t`` for hidden sets of size ``m`` (None: uniform), cached per device."""
+        if self.cfg.process.step_weighting == "uniform":
+            return None
+        if (m, device) not in self._t_probs:
+            self._t_probs[m, device] = step_probs(self.schedule(m), self.cfg.process.step_weighting).to(device)
+        return self._t_probs[m, device]
 
     def law_on(self, device: torch.device) -> NoiseLaw:
         """The noise law on ``device``, moved (and validated) once rather than at every step."""
@@ -69,11 +78,16 @@ class GGMModule(DiffusionModule):
         m_idx = int(torch.randint(len(self.train_ms), (1,), generator=generator, device=generator.device))
         sched = self.schedule(self.train_ms[m_idx])
         law = self.law_on(batch.device)
-        ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator)
+        t_probs = self.train_step_probs(sched.m, batch.device) if self.training else None
+        ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator, t_probs=t_probs)
         h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
         per = ggm_loss(self.cfg.process.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator)
         per_row = per.view(batch.shape[0], -1).mean(1)
-        return per_row.mean(), {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
+        extra = {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
+        if not self.training:  # comparable across losses: -log p_t(X_t^i | context) of the implied conditional
+            nll = cross_entropy_loss(h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law)
+            extra["nll_per_row"] = nll.view(batch.shape[0], -1).mean(1)
+        return per_row.mean(), extra
 
     @torch.no_grad()
     def sample(
