@@ -138,17 +138,22 @@ def test_sampler_queries_only_the_hidden_positions_once_per_step():
     assert all(sorted(pos) == sorted(sched.positions[s].tolist()) for s, pos in seen)
 
 
-def test_ggm_module_draws_weighted_steps_in_training_and_uniform_ones_for_validation_nll():
+def test_ggm_module_trains_on_weighted_steps_and_validates_the_sampler_conditionals():
     from glauber.config import load_config
     from glauber.methods.ggm import GGMModule
 
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml",
-        ["process.loss=cross_entropy", "process.step_weighting=inverse_noise", "schedule.positions_per_step=1", "process.train_positions_per_step=[1]"],
+        [
+            "process.loss=cross_entropy",
+            "process.step_weighting=inverse_noise",
+            "schedule.positions_per_step=1",
+            "process.train_positions_per_step=[2]",
+        ],
     )
     module = GGMModule(cfg, vocab_size=6)
     batch = torch.randint(0, 6, (4096, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
-    sched = module.schedule()
+    sched = module.schedule(2)
     module.train()
     _, extra = module.compute_loss(batch, torch.Generator().manual_seed(1))
     assert "nll_per_row" not in extra  # training computes only its loss
@@ -160,5 +165,8 @@ def test_ggm_module_draws_weighted_steps_in_training_and_uniform_ones_for_valida
     with torch.no_grad():
         _, extra = module.compute_loss(batch, torch.Generator().manual_seed(1))
     assert abs(float((extra["time"] < 0.25).double().mean()) - 0.25) < 0.03  # validation stays uniform
+    # ... over the steps of the sampler's schedule (m = 1, T = 64), not the training sets (m = 2, T = 32)
+    steps = extra["time"] * module.schedule().num_steps
+    assert module.schedule().num_steps == 2 * sched.num_steps and bool((steps.round() % 2 == 1).any())
     # with the cross-entropy loss the loss-independent validation NLL is the loss itself
     assert torch.allclose(extra["nll_per_row"], extra["per_row"], rtol=1e-6)

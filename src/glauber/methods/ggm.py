@@ -75,10 +75,13 @@ class GGMModule(DiffusionModule):
         return schedule.signal_level(t).float() if self.model.alpha_embed is not None else None
 
     def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        m_idx = int(torch.randint(len(self.train_ms), (1,), generator=generator, device=generator.device))
-        sched = self.schedule(self.train_ms[m_idx])
+        if self.training:
+            m_idx = int(torch.randint(len(self.train_ms), (1,), generator=generator, device=generator.device))
+            sched = self.schedule(self.train_ms[m_idx])
+            t_probs = self.train_step_probs(sched.m, batch.device)
+        else:  # validation measures the conditionals the sampler uses: the schedule's m, uniform t
+            sched, t_probs = self.schedule(), None
         law = self.law_on(batch.device)
-        t_probs = self.train_step_probs(sched.m, batch.device) if self.training else None
         ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator, t_probs=t_probs)
         h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
         per = ggm_loss(self.cfg.process.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator)
