@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
-from data_modules.text import _hf_cached, _hf_offline, _say, read_meta, source_slug
+from data_modules.text import _hf_cached, _hf_offline, _say, read_meta, ready_meta, source_slug
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
 
 FORMAT_VERSION = 1
@@ -803,15 +803,11 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
 
     def _load_meta(self) -> dict[str, Any]:
         if self._meta is None:
-            cache = self.cache_path
-            meta = read_meta(cache)
-            if meta is None or stale_reason(cache, meta, self.cfg, None) is not None:
-                if rank_world(self.trainer)[1] > 1:
-                    raise FileNotFoundError(f"token cache {cache} is missing or incomplete: run prepare_data() first")
-                self.prepare_data()
-                meta = read_meta(cache)
-            check_meta(cache, meta, self.cfg, self.tokenizer_sha256())
-            self._meta = meta
+            self._meta = ready_meta(
+                self,
+                lambda cache, meta: stale_reason(cache, meta, self.cfg, None),
+                lambda cache, meta: check_meta(cache, meta, self.cfg, self.tokenizer_sha256()),
+            )
         return self._meta
 
     # -- datasets and loaders ---------------------------------------------------------------------

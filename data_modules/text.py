@@ -39,7 +39,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,6 +306,25 @@ def read_meta(cache: Path) -> dict[str, Any] | None:
         return json.loads((cache / "meta.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def ready_meta(dm: Any, stale: Callable[[Path, dict], str | None], check: Callable[[Path, dict], None]) -> dict[str, Any]:
+    """The metadata of ``dm.cache_path``'s token cache, checked by ``check``; a single process builds a
+    missing or ``stale`` cache here (``dm.prepare_data()``), while several expect global rank 0 to have."""
+    cache = dm.cache_path
+    meta = read_meta(cache)
+    if meta is None or stale(cache, meta) is not None:
+        rank, world = rank_world(dm.trainer)
+        if world > 1:
+            raise FileNotFoundError(
+                f"token cache {cache} is missing or incomplete on this process (rank {rank}): "
+                "global rank 0 builds it once, so data.cache_dir must be on a filesystem shared by all nodes, "
+                "or a complete cache must be copied to the same path on every node beforehand"
+            )
+        dm.prepare_data()
+        meta = read_meta(cache)
+    check(cache, meta)
+    return meta
 
 
 def stale_reason(cache: Path, meta: dict[str, Any] | None, cfg: TextDataConfig, files: list[Path] | None) -> str | None:
@@ -608,21 +627,13 @@ class TextDataModule(ShardedLoaders, L.LightningDataModule):
 
     def _load_meta(self) -> dict[str, Any]:
         if self._meta is None:
-            cache = self.cache_path
-            meta = read_meta(cache)
-            if meta is None or stale_reason(cache, meta, self.cfg, None) is not None:
-                if rank_world(self.trainer)[1] > 1:
-                    raise FileNotFoundError(
-                        f"token cache {cache} is missing or incomplete on this process (rank {rank_world(self.trainer)[0]}): "
-                        "global rank 0 builds it once, so data.cache_dir must be on a filesystem shared by all nodes, "
-                        "or a complete cache must be copied to the same path on every node beforehand"
-                    )
-                self.prepare_data()
-                meta = read_meta(cache)
-            check_meta(cache, meta, self.cfg, self._spec_tokenizer())
-            self._meta = meta
+            self._meta = ready_meta(
+                self,
+                lambda cache, meta: stale_reason(cache, meta, self.cfg, None),
+                lambda cache, meta: check_meta(cache, meta, self.cfg, self._spec_tokenizer()),
+            )
             if self._tokenizer is None:
-                self._tokenizer = tokenizer_from_state(meta["tokenizer"]["state"])
+                self._tokenizer = tokenizer_from_state(self._meta["tokenizer"]["state"])
         return self._meta
 
     # -- datasets and loaders -------------------------------------------------------------------

@@ -122,6 +122,18 @@ def infill(
     return glauber_sample(denoiser, schedule, law, x_init=x_init, clamp_mask=clamp, generator=generator, **kwargs)
 
 
+def clamped_start(x: Tensor, template: Tensor | None, clamp_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The start of an infilling sampler: ``x [B, L]`` with ``template``'s tokens written at the clamped
+    positions, and the clamp as ``[B, L]`` (``x`` and None without a template)."""
+    if template is None:
+        return x, None
+    if clamp_mask is None:
+        raise ValueError("a template needs its clamp_mask")
+    B, L = x.shape
+    clamp = _broadcast_clamp(clamp_mask, B, L, x.device)
+    return torch.where(clamp, template.to(x.device).long().expand(B, L), x), clamp
+
+
 def _broadcast_clamp(clamp_mask: Tensor | None, B: int, L: int, device: torch.device) -> Tensor | None:
     if clamp_mask is None:
         return None

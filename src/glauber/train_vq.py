@@ -17,7 +17,6 @@ originals on top, their reconstructions below), ``metrics.csv``, ``config.yaml``
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 import warnings
@@ -33,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 from torch import Tensor
 
+from glauber.optim import adamw_with_schedule
 from glauber.vq import VQConfig, VQModel, codebook_usage, save_vq
 
 
@@ -309,19 +309,7 @@ class VQTrainModule(L.LightningModule):
         groups = [{"params": rest, "weight_decay": c.weight_decay}]
         if codebook:
             groups.append({"params": codebook, "weight_decay": 0.0})  # decay would pull the codes to 0
-        opt = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
-        total = max(c.max_steps, 1)
-
-        def factor(step: int) -> float:
-            if c.warmup_steps > 0 and step < c.warmup_steps:
-                return (step + 1) / c.warmup_steps
-            if c.lr_schedule == "cosine":
-                progress = min(1.0, (step - c.warmup_steps) / max(1, total - c.warmup_steps))
-                return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-            return 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(groups, c, c.max_steps)
 
     # -- validation: held-out reconstruction error and codebook usage -----------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from glauber.methods.base import DiffusionModule
-from glauber.sampler import draw_categorical
+from glauber.sampler import clamped_start, draw_categorical
 
 
 class ARModule(DiffusionModule):
@@ -85,13 +85,7 @@ class ARModule(DiffusionModule):
         prompt; a clamped suffix is written but cannot steer the tokens before it.
         ``ignored``: options of other methods (``positions_per_step``...)."""
         L, B = self.cfg.data.seq_len, num_samples
-        x = torch.zeros(B, L, dtype=torch.long, device=self.device)
-        clamp = None
-        if template is not None:
-            if clamp_mask is None:
-                raise ValueError("a template needs its clamp_mask")
-            clamp = clamp_mask.to(self.device, torch.bool).expand(B, L)
-            x = torch.where(clamp, template.to(self.device).long().expand(B, L), x)
+        x, clamp = clamped_start(torch.zeros(B, L, dtype=torch.long, device=self.device), template, clamp_mask)
         self.last_sample_nfe = L
         with self.eval_weights():
             cache = self.model.new_cache(B, L)

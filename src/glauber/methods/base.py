@@ -3,7 +3,6 @@ validation with EMA weights, and the run state saved in checkpoints."""
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from torchmetrics import MeanMetric
 
 from glauber.ema import EMA
 from glauber.model import DDiT, ModelConfig
+from glauber.optim import adamw_with_schedule
 
 NUM_BUCKETS = 10  # validation loss is also reported per tenth of the noise time, when a method has one
 
@@ -74,20 +74,7 @@ class DiffusionModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.cfg.optim
-        opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        total = max(self.cfg.train.max_steps, 1)
-
-        def factor(step: int) -> float:
-            if o.warmup_steps > 0 and step < o.warmup_steps:
-                return (step + 1) / o.warmup_steps
-            if o.lr_schedule == "cosine":
-                progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-                return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-            return 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.model.parameters(), self.cfg.optim, self.cfg.train.max_steps)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

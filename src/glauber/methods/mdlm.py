@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from glauber.methods.base import DiffusionModule
-from glauber.sampler import draw_categorical
+from glauber.sampler import clamped_start, draw_categorical
 
 
 class MDLMModule(DiffusionModule):
@@ -114,12 +114,7 @@ class MDLMModule(DiffusionModule):
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (got {steps})")
         L, B, V = self.cfg.data.seq_len, num_samples, self.vocab_size
-        x = torch.full((B, L), V, dtype=torch.long, device=self.device)
-        if template is not None:
-            if clamp_mask is None:
-                raise ValueError("a template needs its clamp_mask")
-            clamp = clamp_mask.to(self.device, torch.bool).expand(B, L)
-            x = torch.where(clamp, template.to(self.device).long().expand(B, L), x)
+        x, _ = clamped_start(torch.full((B, L), V, dtype=torch.long, device=self.device), template, clamp_mask)
         calls, row_evals = 0, 0
         h_cache: Tensor | None = None
         changed = torch.ones(B, dtype=torch.bool, device=self.device)  # rows whose cached output is stale
