@@ -170,3 +170,13 @@ def test_ggm_module_trains_on_weighted_steps_and_validates_the_sampler_condition
     assert module.schedule().num_steps == 2 * sched.num_steps and bool((steps.round() % 2 == 1).any())
     # with the cross-entropy loss the loss-independent validation NLL is the loss itself
     assert torch.allclose(extra["nll_per_row"], extra["per_row"], rtol=1e-6)
+
+
+def test_learning_rate_warms_up_linearly_then_follows_the_cosine_to_its_floor():
+    from glauber.optim import lr_factor
+
+    assert [lr_factor(s, 4, "cosine", 104, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, "cosine", 104, 0.1) == 1.0  # the cosine starts at the peak
+    assert abs(lr_factor(54, 4, "cosine", 104, 0.1) - 0.55) < 1e-12  # half way: (1 + 0.1) / 2
+    assert abs(lr_factor(104, 4, "cosine", 104, 0.1) - 0.1) < 1e-12 and lr_factor(500, 4, "cosine", 104, 0.1) == 0.1
+    assert lr_factor(0, 0, "constant", 10, 0.1) == 1.0 and lr_factor(9, 0, "constant", 10, 0.1) == 1.0
