@@ -66,7 +66,7 @@ class ImageDataConfig:
     seq_len: int = 256  # tokens per image, h*w of the tokenizer's grid (checked)
     val_fraction: float = 0.05  # fraction of the images held out for validation
     val_size: int | None = None  # number of validation images (overrides val_fraction)
-    cache_dir: str = "cache"
+    cache_dir: str = "cache"  # where token grids are cached (shared by all nodes in multi-node runs)
     num_workers: int = 0  # DataLoader workers (training, and reading images for the one-time tokenisation)
     seed: int = 0  # training order
     encode_batch_size: int = 64  # images per VQ encoder call while building the cache

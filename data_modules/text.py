@@ -72,12 +72,12 @@ class TextDataConfig:
     source: str = "data/tinyshakespeare.txt"  # hub dataset name, or a local file / directory / glob
     text_field: str = "text"  # column holding the text (json/parquet/hub)
     tokenizer: str = "gpt2"  # gpt2 | gpt2-hub | char | path/to/tokenizer.json
-    seq_len: int = 1024
+    seq_len: int = 1024  # tokens per training sequence L
     wrap: str = "bos_eos"  # bos_eos | none
     val_documents: int = 100_000  # hub datasets without a validation split: last N train documents
     val_fraction: float = 0.1  # local corpora: last fraction of the token stream
     val_source: str | None = None  # explicit validation corpus (same forms as source)
-    cache_dir: str = "cache"
+    cache_dir: str = "cache"  # where tokenised corpora are cached (shared by all nodes in multi-node runs)
     num_proc: int = 1  # processes for tokenisation
     num_workers: int = 0  # DataLoader workers
     seed: int = 0  # training order

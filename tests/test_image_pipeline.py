@@ -87,7 +87,11 @@ def test_demo_writes_report_grids_and_ordered_fids(demo_run):
     grid = np.asarray(Image.open(out / "infill.png"))
     assert grid.shape[0] > 3 * 32  # three rows of 32 px images: real, masked, infilled
     assert any((out / "ggm" / "samples").glob("step_*.png"))  # the validation callback's grids
-    assert "CC-BY" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "CC-BY" in report
+    vq = json.loads((out / "vq" / "summary.json").read_text())
+    assert vq["steps"] == 25 and vq["codebook_size"] == 32 and 0 < vq["codes_used_fraction"] <= 1
+    assert f"held-out PSNR {vq['val_psnr_db']:.2f} dB" in report and "VQ tokenizer: 32x32 -> 64 tokens" in report
 
 
 def test_infilling_keeps_the_clamped_tokens(demo_run):

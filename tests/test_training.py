@@ -108,7 +108,13 @@ def test_cli_help_train_sample_and_infill(tmp_path, capsys):
     for opt in ("--num", "--m", "--prefix", "--suffix", "--temperature", "--top-p", "--out", "--seed"):
         assert opt in out
     assert main(["config-help"]) == 0
-    assert "schedule.alpha_min: float = 0.001" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "schedule.alpha_min: float = 0.001" in text
+    # every key says what it does (its docstring paragraph or inline comment), for both config roots
+    assert "(in proportion to ``1 / (1 - Pi_t(phi))``)" in text and "(undocumented)" not in text
+    assert main(["config-help", "--modality", "image"]) == 0
+    text = capsys.readouterr().out
+    assert "image.fid_route: str = 'auto'" in text and "(undocumented)" not in text
 
     # the per-position signal-level input, through training, sampling and "clamped = clean" infilling
     assert main(["train", str(TINY), *tiny_overrides(tmp_path, "cli", 2), "model.condition_on_alpha=true"]) == 0

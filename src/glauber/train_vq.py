@@ -17,6 +17,7 @@ originals on top, their reconstructions below), ``metrics.csv``, ``config.yaml``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import warnings
@@ -477,6 +478,16 @@ def train_vq(cfg: DictConfig) -> Path:
     if trainer.is_global_zero:
         s = module.val_stats
         u = s.get("codebook_usage") or {}
+        summary = {
+            "steps": trainer.global_step,
+            "train_s": round(train_s, 1),
+            "val_mse": s.get("val/mse"),
+            "val_psnr_db": s.get("val/psnr"),
+            "codebook_size": cfg.vq.n_embed,
+            "codebook_perplexity": u.get("perplexity"),
+            "codes_used_fraction": u.get("used_fraction"),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(
             f"train-vq: {trainer.global_step} steps in {train_s:.0f} s; held-out MSE {s.get('val/mse', float('nan')):.4f} "
             f"([-1, 1] pixels), PSNR {s.get('val/psnr', float('nan')):.2f} dB, codebook perplexity "
