@@ -77,6 +77,7 @@ def test_demo_writes_report_grids_and_ordered_fids(demo_run):
     out = demo_run
     for name in ("report.md", "samples.png", "infill.png", "fid.json", "vq/vq.ckpt", "vq/recon.png"):
         assert (out / name).is_file(), name
+    assert any((out / "cache").glob("*/meta.json"))  # the demo's token cache is its own: a rerun never meets another's
     res = json.loads((out / "fid.json").read_text())
     fids = res["fid"]
     assert len(fids) == 4 and all(math.isfinite(v) and v >= 0 for v in fids.values())

@@ -70,7 +70,12 @@ def image_demo_command(args: argparse.Namespace) -> Path:
         train_vq(load_vq_train_config(_default(args.vq_config), [*args.vq_overrides, f"run_dir={vq_dir}"]))
         times["vq_training_s"] = time.time() - t0
 
-    cfg = load_config(_default(args.config), [f"data.tokenizer={vq_ckpt}", f"train.run_dir={out / 'ggm'}", *args.overrides])
+    # The token cache lives in the output folder: a fresh demo (or one with a retrained tokenizer) never meets
+    # the tokens of another run's tokenizer.
+    cfg = load_config(
+        _default(args.config),
+        [f"data.tokenizer={vq_ckpt}", f"train.run_dir={out / 'ggm'}", f"data.cache_dir={out / 'cache'}", *args.overrides],
+    )
     t0 = time.time()
     train(cfg)
     times["ggm_training_s"] = time.time() - t0
