@@ -311,9 +311,12 @@ def test_train_vq_command_writes_a_loadable_tokenizer(tmp_path):
             "accelerator=cpu",
             "progress_bar=false",
             "log_every_steps=1",
+            f"threads={torch.get_num_threads() + 1}",
         ],
     )
+    threads = torch.get_num_threads()
     train_vq_command(args)
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored (it changes float sums)
     ckpt = torch.load(run_dir / "vq.ckpt", weights_only=False)
     assert set(ckpt) >= {"vq_config", "state_dict", "train_config", "codebook_usage", "image_size"}
     assert ckpt["image_size"] == 16 and ckpt["train_config"]["max_steps"] == 4

@@ -8,6 +8,8 @@ calls ``train``, rank 0 alone writes files, and the process group is closed at t
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -186,12 +188,28 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """PyTorch's CPU thread count set to ``n`` (0: left alone) inside the block, restored after it, so a
+    run called from Python (a test, a notebook) does not change the caller's later arithmetic."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> Path:
     """Fit a model as configured; returns the run directory."""
+    with cpu_threads(cfg.train.threads):
+        return _fit(cfg, extra_callbacks)
+
+
+def _fit(cfg: DictConfig, extra_callbacks: list | None) -> Path:
     run_dir = Path(cfg.train.run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
     per_device, accumulate = batch_layout(cfg.train.global_batch_size, world_size(cfg), cfg.train.micro_batch_size)
     ckpt = resume_path(cfg, run_dir)
     container = OmegaConf.to_container(cfg, resolve=True)

@@ -424,12 +424,17 @@ def write_vq_outputs(module: VQTrainModule, run_dir: Path, step: int) -> None:
 # -- the command ----------------------------------------------------------------------------------------------
 def train_vq(cfg: DictConfig) -> Path:
     """Fit a VQ tokenizer as configured; returns the run directory (holding vq.ckpt, recon.png, metrics.csv)."""
+    from glauber.train import cpu_threads
+
+    with cpu_threads(cfg.threads):
+        return _fit_vq(cfg)
+
+
+def _fit_vq(cfg: DictConfig) -> Path:
     from lightning.pytorch.loggers import CSVLogger
 
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     images = load_image_array(cfg)
     train_images, val_images = split_images(images, cfg.val_fraction, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
