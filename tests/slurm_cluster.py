@@ -4,8 +4,8 @@
 Nothing is installed here: ``LocalSlurm.unavailable()`` says why a cluster cannot start (binaries missing,
 not root) so that tests skip with that reason; ``.ci/run`` installs the packages. ``stop()`` cancels the
 jobs still known and then stops only the daemons this object started, by their PID files.
-See /work/shared/SLURM_LOCAL.md for the facts this follows (cred_expire=10 and short scheduler intervals make
-a requeued job start again in about 10 s instead of about 160 s).
+Short credential expiry (cred_expire=10) and short scheduler intervals make a requeued job start again in
+about 10 s instead of about 160 s.
 """
 
 from __future__ import annotations

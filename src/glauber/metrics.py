@@ -1,6 +1,6 @@
 """Sample-quality metrics: generative perplexity under a judge LM, and unigram entropy.
 
-Protocol (DUO's, ANCHORS.md): samples are decoded, retokenised with the judge's tokenizer and cut to
+Protocol (DUO's): samples are decoded, retokenised with the judge's tokenizer and cut to
 its context; each token ``y_j`` with ``j >= 1`` is scored by ``CE(logits_{j-1}, y_j)`` (the first token
 never is); EOS tokens after the first one in a sequence are not scored. ``gen_ppl`` is the
 micro-average ``exp(sum nll / scored tokens)`` over all samples (synchronised across processes);

@@ -32,7 +32,7 @@ def draw_categorical(
     """One draw per row of ``softmax(logits / temperature)``, restricted to the top-``p`` nucleus.
 
     The draw is an inverse-CDF lookup in float64 by default: float32 Gumbel tricks lower the
-    effective temperature and flatter generative perplexity (ANCHORS.md)."""
+    effective temperature and flatter generative perplexity."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     if not (0 < top_p <= 1):
