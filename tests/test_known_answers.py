@@ -21,13 +21,14 @@ from glauber.exact import (
     total_variation,
 )
 from glauber.loss import (
-    analytic_loss,
+    LOSS_NAMES,
     bayes_classifier,
     bayes_h,
     classifier_logits,
     conditional_from_classifier,
-    cross_entropy_loss,
     denoising_logits,
+    ggm_loss,
+    normalize_h,
     single_sample_loss,
 )
 from glauber.noise import NoiseLaw
@@ -157,15 +158,17 @@ def exact_training_problems(sched: GlauberSchedule, law: NoiseLaw, P0: torch.Ten
     return torch.cat(conds), torch.cat(pis)
 
 
-def expected_loss(loss_name: str, h: torch.Tensor, cond: torch.Tensor, pi: torch.Tensor, law: NoiseLaw) -> torch.Tensor:
+def expected_loss(
+    loss_name: str, h: torch.Tensor, cond: torch.Tensor, pi: torch.Tensor, law: NoiseLaw, normalized: bool = False
+) -> torch.Tensor:
     """Loss averaged exactly over the target b ~ cond (and over z ~ Pi_t for the single-sample form)."""
     total = h.new_zeros(())
+    if normalized and loss_name == "single_sample":
+        h = normalize_h(h, law)
     for b in range(V):
         tb = torch.full((h.shape[0],), b, dtype=torch.long)
-        if loss_name == "analytic":
-            per = analytic_loss(h, tb, pi, law)
-        elif loss_name == "cross_entropy":
-            per = cross_entropy_loss(h, tb, pi, law)
+        if loss_name != "single_sample":
+            per = ggm_loss(loss_name, h, tb, pi, law, normalized=normalized)
         else:  # enumerate z in {phi} u X with weights Pi_t(z)
             per = pi * single_sample_loss(h, tb, pi, law, torch.full_like(tb, -1))
             for a in range(V):
@@ -174,15 +177,18 @@ def expected_loss(loss_name: str, h: torch.Tensor, cond: torch.Tensor, pi: torch
     return total
 
 
-def test_minimising_the_loss_with_free_logits_recovers_bayes(gen):
+@pytest.mark.parametrize("loss_name", [n for n in LOSS_NAMES if n != "cross_entropy"])
+def test_minimising_the_loss_with_free_logits_recovers_bayes(loss_name, gen):
     sched = GlauberSchedule(L, sweeps=2, alpha="cosine")
     law = make_law("unigram", gen)
     cond, pi = exact_training_problems(sched, law, random_law(L, V, gen))
     # The expected loss is a sum of 1-D convex terms, one per (problem, token): damped Newton with
-    # autograd derivatives minimises it to machine precision from h = 0.
+    # autograd derivatives minimises it to machine precision from h = 0. (Token-weighted losses take
+    # their weights without gradient: the weight cancels in the Newton step, and any positive weight
+    # leaves each token's logistic problem with the same minimiser.)
     h = torch.zeros_like(cond, requires_grad=True)
     for _ in range(60):
-        (g,) = torch.autograd.grad(expected_loss("analytic", h, cond, pi, law), h, create_graph=True)
+        (g,) = torch.autograd.grad(expected_loss(loss_name, h, cond, pi, law), h, create_graph=True)
         (curv,) = torch.autograd.grad(g.sum(), h)
         with torch.no_grad():
             h -= (g / curv).clamp(-1, 1)
@@ -192,20 +198,29 @@ def test_minimising_the_loss_with_free_logits_recovers_bayes(gen):
     assert (torch.softmax(denoising_logits(h.detach(), law), -1) - cond).abs().max() < 1e-9
 
 
-@pytest.mark.parametrize("loss_name", ["analytic", "single_sample", "cross_entropy"])
+@pytest.mark.parametrize("normalized", [False, True], ids=["free", "normalized"])
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
 @pytest.mark.parametrize("noise", ["uniform", "unigram"])
 @pytest.mark.parametrize("opt", SCHEDULE_OPTIONS, ids=option_id)
-def test_bayes_h_is_a_stationary_minimum_for_every_option(opt, noise, loss_name, gen):
+def test_bayes_h_is_a_stationary_minimum_for_every_option(opt, noise, loss_name, normalized, gen):
+    """Every loss option (and the normalised classifier) has the Bayes h as a stationary minimum. With
+    ``normalized`` the network's output is projected onto classifiers whose conditional sums to one: the
+    Bayes h lies in that set (projection leaves it unchanged), so the restricted minimiser is the
+    unrestricted one, which the free-logit test above shows is Bayes."""
     sched = GlauberSchedule(L, sweeps=2, order_seed=5, **opt)
     law = make_law(noise, gen)
     cond, pi = exact_training_problems(sched, law, random_law(L, V, gen))
     h = bayes_h(cond, law).requires_grad_(True)
-    loss = expected_loss(loss_name, h, cond, pi, law)
+    if normalized:
+        assert (normalize_h(h.detach(), law) - h.detach()).abs().max() < 1e-12
+    loss = expected_loss(loss_name, h, cond, pi, law, normalized)
     (grad,) = torch.autograd.grad(loss, h)
     assert grad.abs().max() < 1e-12
-    # and it is a minimum: any perturbation raises the expected loss (the loss is convex in h)
-    bumped = h.detach() + 0.05 * torch.randn(h.shape, dtype=torch.float64, generator=gen)
-    assert expected_loss(loss_name, bumped, cond, pi, law) > loss.detach()
+    # and it is a minimum: any perturbation raises the expected loss (the loss is convex in h; the
+    # normalised one is invariant to adding a constant per row, so the bump moves off that direction)
+    bump = 0.05 * torch.randn(h.shape, dtype=torch.float64, generator=gen)
+    bumped = h.detach() + (bump - bump.mean(1, keepdim=True) if normalized else bump)
+    assert expected_loss(loss_name, bumped, cond, pi, law, normalized) > loss.detach()
 
 
 # 4. the sampler with the oracle --------------------------------------------------------------------------

@@ -62,6 +62,13 @@ def bayes_h(cond: Tensor, law: NoiseLaw) -> Tensor:
     return cond.log() - law.log_probs.to(device=cond.device, dtype=cond.dtype)
 
 
+def _softplus_sum_u(s: Tensor, u: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``sum_a w_a u(a) softplus(s_a)`` as an elementwise product and a sum: a matmul would run in bf16
+    under autocast and bias ``p_t`` (the loss promises float32 or wider)."""
+    terms = F.softplus(s) * u
+    return (terms if weights is None else terms * weights).sum(-1)
+
+
 def analytic_loss(h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw) -> Tensor:
     """GGM loss with the noise integrated out analytically, per hidden position ``[N]``:
     ``-Pi(phi) log sigmoid(s_b) - sum_a Pi(a) log sigmoid(-s_a)``."""
@@ -69,7 +76,68 @@ def analytic_loss(h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw) -> 
     pi = pi_phi.to(s.dtype)
     u = law.probs.to(device=s.device, dtype=s.dtype)
     s_b = s.gather(1, targets[:, None]).squeeze(1)
-    return pi * F.softplus(-s_b) + (1 - pi) * (F.softplus(s) @ u)
+    return pi * F.softplus(-s_b) + (1 - pi) * _softplus_sum_u(s, u)
+
+
+def _token_weighted_loss(h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw, log_w: Tensor) -> Tensor:
+    """The analytic loss with token ``a``'s two terms (its positive and its negative) multiplied by
+    ``w_a = exp(log_w[:, a])``, taken without gradient. Each token's logistic problem is separate and
+    keeps its class balance, so the minimiser is still the Bayes classifier. The returned VALUE is the
+    unweighted analytic loss (comparable across weightings, e.g. for ``val/loss`` and ``best.ckpt``);
+    only the gradient is weighted."""
+    s = classifier_logits(h, pi_phi)
+    pi = pi_phi.to(s.dtype)
+    u = law.probs.to(device=s.device, dtype=s.dtype)
+    w = log_w.detach().to(s.dtype).clamp(max=60.0).exp()  # any positive weight keeps the minimiser
+    s_b = s.gather(1, targets[:, None]).squeeze(1)
+    w_b = w.gather(1, targets[:, None]).squeeze(1)
+    weighted = w_b * pi * F.softplus(-s_b) + (1 - pi) * _softplus_sum_u(s, u, w)
+    plain = pi * F.softplus(-s_b) + (1 - pi) * _softplus_sum_u(s, u)
+    return plain.detach() + (weighted - weighted.detach())
+
+
+def weighted_loss(h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw) -> Tensor:
+    """Analytic loss with per-token weights ``w_a = sg[(Pi q_a + (1-Pi) u(a)) / (Pi (1-Pi) u(a))]``,
+    ``q_a = u(a) exp(h_a)``, i.e. ``w_a = exp(h_a) / (1-Pi) + 1 / Pi``.
+
+    The analytic loss's expected gradient in ``h_a`` is ``Pi(1-Pi) u(a) (q_a-p_a) / (Pi q_a + (1-Pi) u(a))``:
+    about ``Pi`` for unlikely tokens but about ``(1-Pi) u(a) / q_a`` (~1/V) for likely ones, so it spends
+    its effort pushing impossible tokens down. These weights turn the per-sample gradient into
+    ``q - onehot(b)`` (cross-entropy's, but for the normalisation of ``q``); the minimiser is unchanged."""
+    pi = pi_phi.to(torch.float64)[:, None]
+    h32 = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+    log_w = torch.logaddexp(h32.detach() - (-pi).log1p().to(h32.dtype), -pi.log().to(h32.dtype))
+    return _token_weighted_loss(h, targets, pi_phi, law, log_w)
+
+
+def time_weighted_loss(h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw) -> Tensor:
+    """Analytic loss with every term of a position weighted by ``1 / (Pi (1-Pi))``: the paper's loss
+    vanishes like ``Pi (1-Pi)`` at both ends of the schedule; this evens the effort across steps."""
+    pi = pi_phi.to(torch.float64)
+    log_w = -(pi.log() + (-pi).log1p())
+    return _token_weighted_loss(h, targets, pi_phi, law, log_w[:, None].expand(h.shape))
+
+
+def balanced_loss(h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw) -> Tensor:
+    """Binary classification with the two classes re-balanced: ``-log sigmoid(h_b) - sum_a u(a) log
+    sigmoid(-h_a)`` (the analytic loss with positives weighted ``1/Pi``, negatives ``1/(1-Pi)`` and
+    the prior offset ``logit Pi`` dropped from the logit to match). Its minimiser is again
+    ``h_a = log p_t(a|c) - log u(a)``; unlike ``weighted`` its value is its own."""
+    h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+    u = law.probs.to(device=h.device, dtype=h.dtype)
+    h_b = h.gather(1, targets[:, None]).squeeze(1)
+    return F.softplus(-h_b) + _softplus_sum_u(h, u)
+
+
+def normalize_h(h: Tensor, law: NoiseLaw) -> Tensor:
+    """Project ``h`` onto classifiers whose implied conditional sums to one:
+    ``h' = log_softmax(h + log u) - log u``, so ``sum_a u(a) exp(h'_a) = 1``. The Bayes ``h`` already
+    satisfies this, so every binary-classification loss keeps its minimiser, and the network no longer
+    has to learn each context's normalisation through V separate classifiers. Sampling is unchanged
+    (``softmax(h' + log u) = softmax(h + log u)``)."""
+    h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+    log_u = law.log_probs.to(device=h.device, dtype=h.dtype)
+    return torch.log_softmax(h + log_u, dim=-1) - log_u
 
 
 def draw_step_noise(pi_phi: Tensor, law: NoiseLaw, generator: torch.Generator | None = None) -> Tensor:
@@ -96,15 +164,31 @@ def cross_entropy_loss(h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw
 
 
 LossFn = Callable[[Tensor, Tensor, Tensor, NoiseLaw], Tensor]
-LOSSES: dict[str, LossFn] = {"analytic": analytic_loss, "cross_entropy": cross_entropy_loss}
+LOSSES: dict[str, LossFn] = {
+    "analytic": analytic_loss,
+    "weighted": weighted_loss,
+    "time_weighted": time_weighted_loss,
+    "balanced": balanced_loss,
+    "cross_entropy": cross_entropy_loss,
+}
+LOSS_NAMES = ("analytic", "single_sample", "weighted", "time_weighted", "balanced", "cross_entropy")
+BINARY_LOSSES = tuple(n for n in LOSS_NAMES if n != "cross_entropy")  # GGM proper; cross_entropy is the ablation
 
 
 def ggm_loss(
-    name: str, h: Tensor, targets: Tensor, pi_phi: Tensor, law: NoiseLaw, generator: torch.Generator | None = None
+    name: str,
+    h: Tensor,
+    targets: Tensor,
+    pi_phi: Tensor,
+    law: NoiseLaw,
+    generator: torch.Generator | None = None,
+    normalized: bool = False,
 ) -> Tensor:
-    """Per-position loss by name: ``analytic`` (default), ``single_sample`` or ``cross_entropy``."""
+    """Per-position loss by name (one of ``LOSS_NAMES``); ``normalized`` applies ``normalize_h`` first."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"loss must be one of {LOSS_NAMES} (got {name!r})")
+    if normalized:
+        h = normalize_h(h, law)
     if name == "single_sample":
         return single_sample_loss(h, targets, pi_phi, law, draw_step_noise(pi_phi, law, generator))
-    if name not in LOSSES:
-        raise ValueError(f"loss must be one of {('single_sample', *LOSSES)} (got {name!r})")
     return LOSSES[name](h, targets, pi_phi, law)

@@ -84,7 +84,8 @@ class GGMModule(DiffusionModule):
         law = self.law_on(batch.device)
         ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator, t_probs=t_probs)
         h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
-        per = ggm_loss(self.cfg.process.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator)
+        p = self.cfg.process
+        per = ggm_loss(p.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator, p.normalized_classifier)
         per_row = per.view(batch.shape[0], -1).mean(1)
         extra = {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
         if not self.training:  # comparable across losses: -log p_t(X_t^i | context) of the implied conditional
