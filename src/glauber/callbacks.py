@@ -96,8 +96,10 @@ class ValidationSamples(Callback):
 class GenerativePerplexityEval(Callback):
     """Every ``every_steps`` optimizer steps each rank draws its share of ``num_samples`` samples (EMA weights,
     float64 draws, rank r with seed ``train.seed + 999 + r``) and scores them with the judge; the judge's
-    sums are synchronised across ranks, and rank 0 logs ``eval/gen_ppl``, ``eval/gen_ppl_per_seq`` and
-    ``eval/entropy`` and appends them to ``eval/gen_ppl.jsonl``. ``last_report`` is the same on every rank."""
+    sums are synchronised across ranks, and rank 0 logs ``eval/gen_ppl``, ``eval/gen_ppl_per_seq``, the judge's
+    ``eval/nll_per_byte``, ``eval/bits_per_byte`` and ``eval/ppl_per_byte`` (not swayed by how its tokenizer splits
+    the text) and ``eval/entropy``, and appends the whole report to ``eval/gen_ppl.jsonl``. ``last_report`` is the
+    same on every rank."""
 
     def __init__(
         self, run_dir: str | Path, judge: str, every_steps: int, num_samples: int, sample_options: dict[str, Any]
@@ -128,6 +130,9 @@ class GenerativePerplexityEval(Callback):
         metrics = {
             "eval/gen_ppl": report["gen_ppl"],
             "eval/gen_ppl_per_seq": report["gen_ppl_per_seq"],
+            "eval/nll_per_byte": report["nll_per_byte"],
+            "eval/bits_per_byte": report["bits_per_byte"],
+            "eval/ppl_per_byte": report["ppl_per_byte"],
             "eval/entropy": report["unigram_entropy"],
         }
         for logger in trainer.loggers:

@@ -16,10 +16,11 @@ from glauber.judges import evaluate_texts, load_judge
 def add_eval_ppl_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval-ppl",
-        help="generative perplexity and entropy of a checkpoint's samples under a judge LM",
+        help="generative perplexity, nll per byte and entropy of a checkpoint's samples under a judge LM",
         description="Draw samples (final categorical in float64), decode them, retokenise with the judge's tokenizer "
-        "and report generative perplexity (micro-average over tokens, and SEDD's per-sequence average) with the "
-        "samples' unigram entropy.",
+        "and report generative perplexity (micro-average over tokens, and SEDD's per-sequence average), the judge's "
+        "nll per UTF-8 byte of the text (independent of how its tokenizer splits the text) with the samples' "
+        "unigram entropy.",
     )
     p.add_argument("checkpoint", help="a .ckpt written by glauber train")
     p.add_argument("--judge", default="gpt2-large", help="HF hub name or local directory of a causal LM (default gpt2-large)")
@@ -56,10 +57,17 @@ def eval_ppl_command(args: argparse.Namespace) -> dict:
             "top_p": args.top_p,
             "seed": args.seed,
             "final_draw": "float64",
-            "averaging": "gen_ppl = exp(total nll / scored tokens); gen_ppl_per_seq = mean of per-sample exp(mean nll)",
+            "averaging": "gen_ppl = exp(total nll / scored tokens); gen_ppl_per_seq = mean of per-sample exp(mean nll); "
+            "nll_per_byte = total nll / UTF-8 bytes of the text the scored tokens cover, bits_per_byte = nll_per_byte / ln 2, "
+            "ppl_per_byte = exp(nll_per_byte)",
         }
     )
     print(json.dumps(report, indent=1))
+    print(
+        f"gen-PPL {report['gen_ppl']:.3f} (per sequence {report['gen_ppl_per_seq']:.3f})  nll/byte "
+        f"{report['nll_per_byte']:.4f} ({report['bits_per_byte']:.4f} bits, PPL/byte {report['ppl_per_byte']:.4f})  "
+        f"entropy {report['unigram_entropy']:.3f}  judge {report['judge']}"
+    )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

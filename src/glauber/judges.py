@@ -3,12 +3,14 @@
 A judge is any Hugging Face causal LM, by hub name (``gpt2-large``, the default) or local directory,
 or a GGUF file through ``transformers`` (``gguf_file=``); or an autoregressive checkpoint of this
 framework (``method: ar``), given as ``ckpt:PATH`` or a path ending in ``.ckpt``, scored with its own
-tokenizer. Loaded once per process, float32, eval mode.
+tokenizer. Loaded once per process, float32, eval mode. ``judge.encode`` gives with each token the UTF-8
+bytes it adds to the decoded text (``token_bytes``), for the judge's nll per byte.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +54,48 @@ class HFJudge:
     def __call__(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long()).logits
 
-    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """Right-padded judge token ids and their mask, each text cut to the judge's context."""
+    def decode(self, rows: list[list[int]]) -> list[str]:
+        """Texts of token id lists, special tokens kept and spaces left as they are."""
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded judge token ids, their mask and their ``token_bytes``, each text cut to the judge's context."""
         rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
-        return pad_rows(rows, self.eos_id)
+        return pad_rows(rows, self.eos_id, self.decode)
 
 
-def pad_rows(rows: list[list[int]], eos_id: int | None) -> tuple[Tensor, Tensor]:
-    """Right-padded ids ``[B, N]`` (EOS, or 0 without one) and the mask of the real tokens."""
+def token_bytes(rows: list[list[int]], decode: Callable[[list[list[int]]], list[str]], context: int = 8) -> list[list[int]]:
+    """The UTF-8 bytes token ``j`` adds to the decoded text, ``bytes(decode(ids[:j + 1])) - bytes(decode(ids[:j]))``,
+    so the tokens after the first add up to the bytes of the text they cover past the first token.
+
+    Decoding sees only the ``context`` tokens before ``j``, which keeps the cost linear in the length and
+    is exact for decoders that look back fewer tokens (byte-level BPE, where a character spans at most 4
+    tokens; SentencePiece, whose stripped leading space is at the window's start in both decodes; characters).
+    A prefix that ends inside a character decodes it as U+FFFD (3 bytes), so a single token can count a few
+    bytes too many and the one completing the character as many too few (even -1), but tokens between two
+    character boundaries count their bytes exactly: a sequence's count is off only where the first token
+    or the truncation cuts a character, by at most 2 bytes."""
+    windows = [w for r in rows for j in range(len(r)) for w in (r[max(0, j - context) : j], r[max(0, j - context) : j + 1])]
+    sizes = [len(t.encode()) for t in decode(windows)]
+    added = iter([after - before for before, after in zip(sizes[0::2], sizes[1::2])])
+    return [[next(added) for _ in r] for r in rows]
+
+
+def pad_rows(
+    rows: list[list[int]], eos_id: int | None, decode: Callable[[list[list[int]]], list[str]]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ids ``[B, N]`` (EOS, or 0 without one), the mask of the real tokens, and ``token_bytes``
+    (0 on padding)."""
     width = max(1, max(len(r) for r in rows))
     pad = eos_id if eos_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
+    nbytes = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, b) in enumerate(zip(rows, token_bytes(rows, decode))):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = True
-    return ids, mask
+        nbytes[i, : len(r)] = torch.tensor(b, dtype=torch.long)
+    return ids, mask, nbytes
 
 
 class CheckpointJudge:
@@ -100,9 +128,14 @@ class CheckpointJudge:
         logits = self.module.logits(ids[:, : self.max_length].to(self.device))
         return torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
 
-    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """Right-padded token ids of the checkpoint's tokenizer and their mask, cut to ``max_length``."""
-        return pad_rows([self.tokenizer.encode(t)[: self.max_length] for t in texts], self.eos_id)
+    def decode(self, rows: list[list[int]]) -> list[str]:
+        """Texts of token id lists (the checkpoint's tokenizer keeps special tokens)."""
+        return [self.tokenizer.decode(r) for r in rows]
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded token ids of the checkpoint's tokenizer, their mask and their ``token_bytes``, cut to
+        ``max_length``."""
+        return pad_rows([self.tokenizer.encode(t)[: self.max_length] for t in texts], self.eos_id, self.decode)
 
 
 def checkpoint_judge_path(name: str) -> str | None:
@@ -137,15 +170,17 @@ def evaluate_texts(
     device: str | torch.device = "cpu",
     num_samples: int | None = None,
 ) -> dict[str, float]:
-    """Generative perplexity of decoded samples under ``judge`` (both averages) and the unigram entropy
-    of the samples' own token ids (of the judge's tokens when ``sample_ids`` is not given).
+    """Generative perplexity of decoded samples under ``judge`` (both averages), the judge's nll per UTF-8
+    byte of the text its scored tokens cover (with bits per byte and ``ppl_per_byte = exp(nll_per_byte)``;
+    ``metrics``), and the unigram entropy of the samples' own token ids (of the judge's tokens when
+    ``sample_ids`` is not given).
     Under DDP every rank calls it with its share (possibly none): the metric states live on ``device``
     (so NCCL can synchronise them) and the numbers cover all ranks' samples, ``num_samples`` in all."""
     ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length).to(device)
     entropy = UnigramEntropy().to(device)
     for start in range(0, len(texts), batch_size):
-        ids, mask = judge.encode(texts[start : start + batch_size])
-        ppl.update(ids.to(device), mask.to(device))
+        ids, mask, nbytes = judge.encode(texts[start : start + batch_size])
+        ppl.update(ids.to(device), mask.to(device), token_bytes=nbytes.to(device))
         if sample_ids is None:
             for row, m in zip(ids, mask):
                 entropy.update(row[m][None])
@@ -156,6 +191,10 @@ def evaluate_texts(
         "gen_ppl": float(res["gen_ppl"]),
         "gen_ppl_per_seq": float(res["gen_ppl_per_seq"]),
         "scored_tokens": int(res["scored_tokens"]),
+        "ppl_per_byte": float(res["ppl_per_byte"]),
+        "nll_per_byte": float(res["nll_per_byte"]),
+        "bits_per_byte": float(res["bits_per_byte"]),
+        "scored_bytes": int(res["scored_bytes"]),
         "unigram_entropy": float(entropy.compute()),
         "num_samples": len(texts) if num_samples is None else num_samples,
         "judge": judge.name,

@@ -6,10 +6,18 @@ never is); EOS tokens after the first one in a sequence are not scored. ``gen_pp
 micro-average ``exp(sum nll / scored tokens)`` over all samples (synchronised across processes);
 ``gen_ppl_per_seq`` is SEDD's mean of per-sequence perplexities (larger on the same samples).
 Always report the unigram entropy beside it: degenerate, repetitive samples score a low perplexity.
+
+Per token, a perplexity depends on the judge's tokenizer: text it splits into many short tokens (near-random
+characters) scores well per token however unlikely it is per character. ``nll_per_byte`` divides the same
+sum of nll by the UTF-8 bytes of text the same scored tokens cover: the decoded text past the first token,
+within the judge's context, less any later EOS (``token_bytes``, what each token adds to the decoded text:
+``judges.token_bytes``). Micro-averaged like ``gen_ppl``, so ``nll_per_byte * scored_bytes`` is the total
+nll; ``bits_per_byte = nll_per_byte / ln 2``, ``ppl_per_byte = exp(nll_per_byte)``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -39,7 +47,7 @@ def token_nll(logits: Tensor, ids: Tensor) -> Tensor:
 
 
 class GenerativePerplexity(Metric):
-    """Generative perplexity of judge-tokenised samples; both averages, DDP-synchronised."""
+    """Generative perplexity of judge-tokenised samples (both averages) and the nll per byte, DDP-synchronised."""
 
     full_state_update = False
 
@@ -48,12 +56,14 @@ class GenerativePerplexity(Metric):
         self.judge, self.eos_id, self.max_length = judge, eos_id, max_length
         self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bytes", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("seq_ppl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("seqs", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     @torch.no_grad()
-    def update(self, ids: Tensor, attention_mask: Tensor | None = None) -> None:
-        """``ids [B, N]``: samples in the judge's tokens (right-padded; ``attention_mask`` marks real ones)."""
+    def update(self, ids: Tensor, attention_mask: Tensor | None = None, *, token_bytes: Tensor) -> None:
+        """``ids [B, N]``: samples in the judge's tokens (right-padded; ``attention_mask`` marks real ones);
+        ``token_bytes [B, N]``: the UTF-8 bytes each token adds to the decoded text."""
         ids = ids[:, : self.max_length]
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, : self.max_length].bool()
         nll = token_nll(self.judge(ids, mask), ids).double()
@@ -63,14 +73,20 @@ class GenerativePerplexity(Metric):
         keep = per_seq_tokens > 0
         self.nll_sum += per_seq_nll.sum()
         self.tokens += per_seq_tokens.sum()
+        self.bytes += (token_bytes[:, : self.max_length].to(scored.device).double() * scored).sum()
         self.seq_ppl_sum += torch.exp(per_seq_nll[keep] / per_seq_tokens[keep]).sum()
         self.seqs += keep.sum()
 
     def compute(self) -> dict[str, Tensor]:
+        nll_per_byte = self.nll_sum / self.bytes
         return {
             "gen_ppl": torch.exp(self.nll_sum / self.tokens),
             "gen_ppl_per_seq": self.seq_ppl_sum / self.seqs,
             "scored_tokens": self.tokens,
+            "nll_per_byte": nll_per_byte,
+            "bits_per_byte": nll_per_byte / math.log(2),
+            "ppl_per_byte": torch.exp(nll_per_byte),
+            "scored_bytes": self.bytes,
         }
 
 
