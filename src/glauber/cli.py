@@ -45,8 +45,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "--m",
         type=int,
         default=None,
-        help="positions redrawn per network call (default: the config's); network calls = sweeps * L / m",
+        help="positions redrawn per network call (default: the config's); network calls = (sweeps + corrector sweeps) * L / m",
     )
+    add_sweep_options(p)
     p.add_argument("--prefix", default=None, help="text clamped at the start (infilling)")
     p.add_argument("--suffix", default=None, help="text clamped at the end (infilling)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
@@ -56,6 +57,40 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default=None, help="write the samples to this file (default: print)")
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    """GGM's network-call knobs beyond ``--m``, shared by ``sample`` and ``eval-ppl``."""
+    p.add_argument(
+        "--sweeps",
+        type=_int_at_least(1),
+        default=None,
+        help="GGM: sweeps K of the sampling schedule (default: the trained K); network calls = K * L / m. Another K "
+        "needs a network trained with model.condition_on_alpha=true (it reads each position's signal level)",
+    )
+    p.add_argument(
+        "--corrector-sweeps",
+        type=_int_at_least(0),
+        default=0,
+        help="GGM: refinement sweeps after the last step (default 0), L / m more network calls each: every free "
+        "position is re-noised as in the first forward sweep and redrawn by the last L / m reverse steps "
+        "(leaves the learned data law invariant for m = 1)",
+    )
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer ``>= minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {text!r})") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value})")
+        return value
+
+    return parse
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

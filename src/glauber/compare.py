@@ -1,16 +1,21 @@
-"""``glauber compare``: GGM against its baselines on one corpus, backbone and training budget.
+"""``glauber compare``: GGM against its baselines on one corpus and backbone, at one or more training budgets.
 
 Each method is trained with the same config (model, data, batch, steps; only ``method`` and its own
-section differ), then sampled at several numbers of network calls (NFE). Every sample set is scored
-by one judge (by default the comparison's own autoregressive model) for generative perplexity, beside
-its unigram entropy and the wall-clock sampling time. The AR model's samples and held-out real text
-are the references. Writes ``results.json``, ``results.md`` and ``compare.png`` to the output folder.
+section differ) up to the largest budget, keeping a checkpoint at every budget, then sampled at several
+numbers of network calls (NFE) at each budget. Every sample set is scored by one judge (by default the
+comparison's own autoregressive model at the largest budget) for generative perplexity, the judge's NLL
+per byte (which, unlike gen-PPL per judge token, does not reward text that splits into many short
+tokens), its unigram entropy and the wall-clock sampling time. The AR model's samples and held-out real
+text are the references. Writes ``results.json``, ``results.md``, ``compare.png`` (quality against
+network calls at the largest budget), ``budgets.png`` (quality against training steps) and
+``val_nll.png`` (the GGM variants' validation NLL curves) to the output folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,17 +24,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from glauber.plots import plot_comparison
+from glauber.plots import plot_budgets, plot_comparison, plot_val_nll
 
 # name -> config overrides; every other key comes from the shared config
 METHOD_OVERRIDES: dict[str, list[str]] = {
-    "ggm": ["method=ggm", "process.loss=analytic"],
+    "ggm": ["method=ggm", "process.loss=analytic", "process.normalized_classifier=false"],
+    "ggm_weighted": ["method=ggm", "process.loss=weighted", "process.normalized_classifier=true"],
     "ggm_ce": ["method=ggm", "process.loss=cross_entropy"],
     "mdlm": ["method=mdlm"],
     "ar": ["method=ar"],
 }
+DEFAULT_METHODS = ",".join(METHOD_OVERRIDES)
 LABELS = {
-    "ggm": "GGM (binary classification)",
+    "ggm": "GGM, paper's loss (binary classification)",
+    "ggm_weighted": "GGM, weighted loss + normalised classifier (binary classification)",
     "ggm_ce": "GGM process, cross-entropy loss (ablation)",
     "mdlm": "MDLM (masked diffusion)",
     "ar": "autoregressive",
@@ -40,32 +48,69 @@ LABELS = {
 @dataclass
 class Row:
     method: str
+    budget: int  # training steps of the checkpoint sampled (0 for real text)
     nfe: float  # network evaluations per sample
     setting: str
     gen_ppl: float
     gen_ppl_per_seq: float
+    nll_per_byte: float  # the judge's NLL per UTF-8 byte of the decoded samples (nats)
     entropy: float
     sample_s: float  # wall-clock seconds to draw all samples of this row
     num_samples: int
 
 
-def row_of(method: str, nfe: int, setting: str, res: dict[str, Any], seconds: float) -> Row:
-    return Row(method, nfe, setting, res["gen_ppl"], res["gen_ppl_per_seq"], res["unigram_entropy"], seconds, res["num_samples"])
+def row_of(method: str, budget: int, nfe: float, setting: str, res: dict[str, Any], seconds: float) -> Row:
+    return Row(
+        method,
+        budget,
+        nfe,
+        setting,
+        res["gen_ppl"],
+        res["gen_ppl_per_seq"],
+        res.get("nll_per_byte", float("nan")),
+        res["unigram_entropy"],
+        seconds,
+        res["num_samples"],
+    )
+
+
+def supervised_tokens_per_sequence(cfg: DictConfig) -> float:
+    """Positions whose token is supervised per training sequence, in expectation: AR all ``L``; MDLM the
+    masked ones (``L (1 - eps) / 2`` for t uniform on [0, 1]); GGM the hidden set (mean of its sizes)."""
+    L = cfg.data.seq_len
+    if cfg.method == "ar":
+        return float(L)
+    if cfg.method == "mdlm":
+        return L * (1 - cfg.mdlm.eps) / 2
+    sizes = list(cfg.process.train_positions_per_step) or [cfg.schedule.positions_per_step]
+    return sum(sizes) / len(sizes)
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="train GGM and its baselines with one budget and compare their samples",
-        description="Train each method (ggm, ggm_ce, mdlm, ar) on the same config and budget, sample each at several "
-        "numbers of network calls, and score the samples with one judge: generative perplexity (micro and per-sequence), "
-        "unigram entropy and sampling time, against AR samples and held-out real text. Re-running resumes finished "
-        "or interrupted trainings from their run directories.",
+        description="Train each method (ggm: the paper's loss; ggm_weighted: the weighted loss on a normalised classifier; "
+        "ggm_ce: the cross-entropy ablation; mdlm; ar) on the same config, evaluate each at every training budget and "
+        "several numbers of network calls, and score the samples with one judge: generative perplexity (micro and "
+        "per-sequence), NLL per byte, unigram entropy and sampling time, against AR samples and held-out real text. "
+        "Re-running resumes finished or interrupted trainings from their run directories.",
     )
     p.add_argument("--config", default="experiments/compare_shakespeare.yaml", help="shared experiment YAML")
     p.add_argument("--out", default="runs/compare", help="output folder (one run directory per method inside)")
-    p.add_argument("--methods", default="ggm,ggm_ce,mdlm,ar", help="comma-separated subset of ggm,ggm_ce,mdlm,ar")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated subset of {DEFAULT_METHODS}")
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="training steps to evaluate every method at, e.g. 300,1000,3000: each method trains once to the largest "
+        "and keeps a checkpoint at each (default: the config's train.max_steps only)",
+    )
     p.add_argument("--nfe", default="8,16,32,64,128", help="network-call budgets to sample diffusion models at")
+    p.add_argument(
+        "--corrector-sweeps",
+        default="1",
+        help="GGM only: also sample at the largest NFE with this many corrector sweeps (comma-separated; 0 or '' = none)",
+    )
     p.add_argument("--num-samples", type=int, default=64, help="samples per (method, NFE) (default 64)")
     p.add_argument("--batch-size", type=int, default=64, help="samples drawn at once (default 64)")
     p.add_argument("--judge", default=None, help="judge LM (HF name/dir or a .ckpt); default: the comparison's AR model")
@@ -75,12 +120,39 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides applied to every method, e.g. train.max_steps=600")
 
 
-def method_config(config: str, name: str, out: Path, overrides: list[str]) -> DictConfig:
+def parse_budgets(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise ValueError(f"--budgets must be comma-separated step counts such as 300,1000,3000 (got {text!r})") from None
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"--budgets must be positive step counts (got {text!r})")
+    return budgets
+
+
+def method_config(config: str, name: str, out: Path, overrides: list[str], budgets: list[int] | None = None) -> DictConfig:
+    """One method's config: the shared one, the overrides, the method's own keys and, with budgets, training
+    to the largest budget with a checkpoint at each (every gcd of the budgets)."""
     from glauber.config import load_config
 
     if name not in METHOD_OVERRIDES:
         raise ValueError(f"--methods: unknown method {name!r} (choose from {', '.join(METHOD_OVERRIDES)})")
-    return load_config(config, [*overrides, *METHOD_OVERRIDES[name], f"train.run_dir={out / name}", f"name=compare-{name}"])
+    extra = [f"train.max_steps={budgets[-1]}", f"train.ckpt_every_steps={math.gcd(*budgets)}"] if budgets else []
+    return load_config(
+        config, [*overrides, *extra, *METHOD_OVERRIDES[name], f"train.run_dir={out / name}", f"name=compare-{name}"]
+    )
+
+
+def budget_checkpoint(run_dir: Path, budget: int, max_steps: int) -> Path:
+    """The checkpoint after ``budget`` optimizer steps (``last.ckpt`` at the end of training)."""
+    path = run_dir / "checkpoints" / f"step{budget:08d}.ckpt"
+    if budget == max_steps and not path.is_file():
+        path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: re-run the comparison with the same --budgets to (re)create it")
+    return path
 
 
 def train_method(cfg: DictConfig, run_dir: Path) -> float:
@@ -98,8 +170,9 @@ def train_method(cfg: DictConfig, run_dir: Path) -> float:
     return seconds
 
 
-def sample_settings(module: Any, nfes: list[int]) -> list[tuple[int, str, dict[str, Any]]]:
-    """``(nfe, label, sample options)`` per budget the method can honour."""
+def sample_settings(module: Any, nfes: list[int], correctors: list[int]) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(nfe, label, sample options)`` per NFE budget the method can honour; for GGM also the largest NFE
+    followed by each number of corrector sweeps."""
     cfg, L = module.cfg, module.cfg.data.seq_len
     if cfg.method == "ar":
         return [(L, "one call per token", {})]
@@ -111,6 +184,9 @@ def sample_settings(module: Any, nfes: list[int]) -> list[tuple[int, str, dict[s
         if total % n == 0 and L % (total // n) == 0:
             m = total // n
             out.append((n, f"m={m}", {"positions_per_step": m}))
+    if out:
+        n, label, options = out[-1]
+        out += [(n, f"{label} +{c} corrector", {**options, "corrector_sweeps": c}) for c in correctors if c > 0]
     return out
 
 
@@ -139,7 +215,11 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     nfes = sorted({int(n) for n in args.nfe.split(",")})
-    cfgs = {n: method_config(args.config, n, out, args.overrides) for n in names}  # all validated before any training
+    correctors = sorted({int(c) for c in (args.corrector_sweeps or "0").split(",") if c.strip()})
+    budgets_arg = parse_budgets(args.budgets)
+    cfgs = {n: method_config(args.config, n, out, args.overrides, budgets_arg) for n in names}  # all validated first
+    first = next(iter(cfgs.values()))
+    budgets = budgets_arg or [first.train.max_steps]
     judge_name = args.judge
     if judge_name is None:
         if "ar" not in cfgs:
@@ -151,52 +231,63 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     samples_dir = out / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
-    first = next(iter(cfgs.values()))
     texts, ids = real_text(first, args.num_samples)
     res = evaluate_texts(texts, judge, sample_ids=ids)  # entropy over the model's tokens, as for samples
-    rows.append(row_of("real", 0, "validation split", res, 0.0))
+    rows.append(row_of("real", 0, 0, "validation split", res, 0.0))
     (samples_dir / "real.txt").write_text(format_samples(texts))
 
-    for name in names:
-        module = load_checkpoint(out / name / "checkpoints" / "last.ckpt", device)
-        tok = checkpoint_tokenizer(module)
-        for nfe, label, options in sample_settings(module, nfes):
-            start = time.perf_counter()
-            ids = generate(
-                module,
-                args.num_samples,
-                args.batch_size,
-                args.seed,
-                progress=False,
-                temperature=args.temperature,
-                float64=True,
-                **options,
-            )
-            seconds = time.perf_counter() - start
-            nfe = module.network_calls(**options)  # MDLM's cache calls the network less than its steps
-            texts = [tok.decode(r.tolist()) for r in ids]
-            res = evaluate_texts(texts, judge, sample_ids=ids)
-            rows.append(row_of(name, nfe, label, res, seconds))
-            (samples_dir / f"{name}_{label.replace('=', '').replace(' ', '_')}.txt").write_text(format_samples(texts))
-            r = rows[-1]
-            print(f"{name:7s} {label:20s} NFE {nfe:6.1f}  gen-PPL {r.gen_ppl:8.3f}  entropy {r.entropy:.3f}  {seconds:.1f}s")
+    for budget in budgets:
+        for name in names:
+            module = load_checkpoint(budget_checkpoint(out / name, budget, cfgs[name].train.max_steps), device)
+            tok = checkpoint_tokenizer(module)
+            for nfe, label, options in sample_settings(module, nfes, correctors):
+                start = time.perf_counter()
+                ids = generate(
+                    module,
+                    args.num_samples,
+                    args.batch_size,
+                    args.seed,
+                    progress=False,
+                    temperature=args.temperature,
+                    float64=True,
+                    **options,
+                )
+                seconds = time.perf_counter() - start
+                nfe = module.network_calls(**options)  # MDLM's cache calls the network less than its steps
+                texts = [tok.decode(r.tolist()) for r in ids]
+                res = evaluate_texts(texts, judge, sample_ids=ids)
+                rows.append(row_of(name, budget, nfe, label, res, seconds))
+                slug = label.replace("=", "").replace(" ", "_").replace("+", "")
+                (samples_dir / f"{name}_{budget}_{slug}.txt").write_text(format_samples(texts))
+                r = rows[-1]
+                print(
+                    f"{budget:6d} {name:12s} {label:22s} NFE {nfe:6.1f}  gen-PPL {r.gen_ppl:8.3f}  "
+                    f"NLL/byte {r.nll_per_byte:.3f}  entropy {r.entropy:.3f}  {seconds:.1f}s"
+                )
 
     meta = {
         "command": "glauber compare " + " ".join(_argv(args)),
         "judge": judge.name,
         "train_seconds": train_s,
+        "budgets": budgets,
+        "supervised_tokens_per_sequence": {n: supervised_tokens_per_sequence(c) for n, c in cfgs.items()},
         "temperature": args.temperature,
         "seed": args.seed,
         "device": device,
         "torch_threads": torch.get_num_threads(),
-        "max_steps": first.train.max_steps,
+        "max_steps": budgets[-1],
         "global_batch_size": first.train.global_batch_size,
         "seq_len": first.data.seq_len,
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
     (out / "results.md").write_text(results_markdown(rows, meta))
-    plot_comparison([asdict(r) for r in rows], LABELS, out / "compare.png")
-    print(f"wrote {out / 'results.md'} and {out / 'compare.png'}")
+    last = [asdict(r) for r in rows if r.budget in (0, budgets[-1]) and "corrector" not in r.setting]
+    plot_comparison(last, LABELS, out / "compare.png")
+    if len(budgets) > 1:
+        plot_budgets([asdict(r) for r in rows], LABELS, first.data.seq_len, out / "budgets.png")
+    curves = {n: out / n / "logs" / "metrics.csv" for n, c in cfgs.items() if c.method == "ggm"}
+    plot_val_nll({n: p for n, p in curves.items() if p.is_file()}, LABELS, out / "val_nll.png")
+    print(f"wrote {out / 'results.md'} and the plots beside it")
     return rows
 
 
@@ -205,7 +296,9 @@ def _argv(args: argparse.Namespace) -> list[str]:
         f"--config {args.config}",
         f"--out {args.out}",
         f"--methods {args.methods}",
+        *([f"--budgets {args.budgets}"] if args.budgets else []),
         f"--nfe {args.nfe}",
+        f"--corrector-sweeps {args.corrector_sweeps}",
         f"--num-samples {args.num_samples}",
         f"--seed {args.seed}",
         f"--temperature {args.temperature}",
@@ -216,22 +309,53 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def results_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    """A summary (each method at NFE = L per budget) and one full table per budget."""
+    sup = meta["supervised_tokens_per_sequence"]
     lines = [
         f"Command: `{meta['command']}`  ",
-        f"Judge: `{meta['judge']}`; {meta['max_steps']} training steps of batch {meta['global_batch_size']}, "
-        f"L = {meta['seq_len']}; temperature {meta['temperature']}; final draws in float64; device {meta['device']} "
-        f"({meta['torch_threads']} threads).",
+        f"Judge: `{meta['judge']}`; budgets {', '.join(map(str, meta['budgets']))} training steps of batch "
+        f"{meta['global_batch_size']}, L = {meta['seq_len']}; temperature {meta['temperature']}; final draws in float64; "
+        f"device {meta['device']} ({meta['torch_threads']} threads).",
         "",
-        "| method | setting | network calls | gen-PPL | gen-PPL (per-seq) | unigram entropy | sampling s | train s |",
+        "Supervised tokens per training sequence (in expectation): "
+        + ", ".join(f"{LABELS.get(n, n)} {v:.1f}" for n, v in sup.items())
+        + ".",
+        "",
+    ]
+    L = meta["seq_len"]
+    summary = [r for r in rows if r.method != "real" and abs(r.nfe - L) < 1e-9 and "corrector" not in r.setting]
+    if summary and len(meta["budgets"]) > 1:
+        lines += [
+            f"### At {L} network calls (NFE = L), by training budget: gen-PPL / NLL per byte",
+            "",
+            "| method | " + " | ".join(f"{b} steps" for b in meta["budgets"]) + " |",
+            "| --- |" + " ---: |" * len(meta["budgets"]),
+        ]
+        for name in dict.fromkeys(r.method for r in summary):
+            cells = []
+            for b in meta["budgets"]:
+                r = next((r for r in summary if r.method == name and r.budget == b), None)
+                cells.append(f"{r.gen_ppl:.2f} / {r.nll_per_byte:.3f}" if r else "-")
+            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    header = [
+        "| method | setting | network calls | gen-PPL | gen-PPL (per-seq) | NLL per byte | unigram entropy | sampling s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        train_s = meta["train_seconds"].get(r.method)
-        nfe = f"{r.nfe:.4g}" if r.nfe else "-"
-        lines.append(
-            f"| {LABELS.get(r.method, r.method)} | {r.setting} | {nfe} | {r.gen_ppl:.3f} | {r.gen_ppl_per_seq:.3f} | "
-            f"{r.entropy:.3f} | {r.sample_s:.1f} | {f'{train_s:.0f}' if train_s else '-'} |"
-        )
+    real = [r for r in rows if r.method == "real"]
+    for b in meta["budgets"]:
+        lines += [f"### {b} training steps", "", *header]
+        for r in real + [r for r in rows if r.budget == b]:
+            nfe = f"{r.nfe:.4g}" if r.nfe else "-"
+            lines.append(
+                f"| {LABELS.get(r.method, r.method)} | {r.setting} | {nfe} | {r.gen_ppl:.3f} | {r.gen_ppl_per_seq:.3f} | "
+                f"{r.nll_per_byte:.3f} | {r.entropy:.3f} | {r.sample_s:.1f} |"
+            )
+        lines.append("")
+    lines += [
+        "Training seconds (to the largest budget; not comparable when other jobs shared the machine): "
+        + ", ".join(f"{LABELS.get(n, n)} {s:.0f}" for n, s in meta["train_seconds"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from glauber.cli import add_sweep_options
 from glauber.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
 from glauber.judges import evaluate_texts, load_judge
 
@@ -28,6 +29,7 @@ def add_eval_ppl_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=16, help="samples drawn at once (default 16)")
     p.add_argument("--m", type=int, default=None, help="GGM: positions per network call (default: the config's)")
+    add_sweep_options(p)
     p.add_argument("--steps", type=int, default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1 = off)")
@@ -41,8 +43,12 @@ def eval_ppl_command(args: argparse.Namespace) -> dict:
     judge = load_judge(args.judge, device, args.judge_gguf)
     module = load_checkpoint(args.checkpoint, device)
     tok = checkpoint_tokenizer(module)
-    given = {"positions_per_step": args.m, "steps": args.steps}  # each method takes its own
-    options = {k: v for k, v in given.items() if v is not None} | {"temperature": args.temperature, "top_p": args.top_p}
+    given = {"positions_per_step": args.m, "steps": args.steps, "sweeps": args.sweeps}  # each method takes its own
+    options = {k: v for k, v in given.items() if v is not None} | {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "corrector_sweeps": args.corrector_sweeps,
+    }
     ids = generate(module, args.num_samples, args.batch_size, args.seed, float64=True, **options)
     texts = [tok.decode(row.tolist()) for row in ids]
     report = evaluate_texts(texts, judge, sample_ids=ids)
@@ -52,6 +58,8 @@ def eval_ppl_command(args: argparse.Namespace) -> dict:
             "method": module.cfg.method,
             "network_calls": module.network_calls(**options),
             "positions_per_step": args.m,
+            "sweeps": args.sweeps,
+            "corrector_sweeps": args.corrector_sweeps,
             "steps": args.steps,
             "temperature": args.temperature,
             "top_p": args.top_p,

@@ -93,7 +93,14 @@ def sample_command(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     tok = checkpoint_tokenizer(module)
-    options = {"positions_per_step": args.m, "temperature": args.temperature, "top_p": args.top_p, "float64": not args.float32}
+    options = {
+        "positions_per_step": args.m,
+        "sweeps": args.sweeps,
+        "corrector_sweeps": args.corrector_sweeps,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "float64": not args.float32,
+    }
     template = clamp = None
     if args.prefix or args.suffix:
         template, clamp = infill_template(tok, module.cfg.data.seq_len, module.cfg.data.wrap, args.prefix, args.suffix)

@@ -104,3 +104,42 @@ def plot_comparison(rows: list[dict], labels: dict[str, str], out_png: str | Pat
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     return _save(fig, out_png)
+
+
+def plot_budgets(rows: list[dict], labels: dict[str, str], nfe: int, out_png: str | Path) -> Path:
+    """Generative perplexity and NLL per byte at ``nfe`` network calls (AR: its own count) against training
+    steps, one line per method; real text as a horizontal reference."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        pts = [r for r in rows if r["method"] == name and "corrector" not in r["setting"]]
+        if name == "real":
+            for ax, key in zip(axes, ("gen_ppl", "nll_per_byte")):
+                ax.axhline(pts[0][key], color="k", ls="--", lw=1.4, label=labels.get(name, name))
+            continue
+        if name != "ar":
+            pts = [r for r in pts if abs(r["nfe"] - nfe) < 1e-9]
+        pts.sort(key=lambda r: r["budget"])
+        for ax, key in zip(axes, ("gen_ppl", "nll_per_byte")):
+            ax.plot([r["budget"] for r in pts], [r[key] for r in pts], "o-", label=labels.get(name, name))
+    for ax, yl in zip(axes, (f"generative perplexity (NFE = {nfe})", "judge NLL per byte (nats)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    return _save(fig, out_png)
+
+
+def plot_val_nll(csv_paths: dict[str, str | Path], labels: dict[str, str], out_png: str | Path) -> Path:
+    """``val/nll`` (the implied conditional's cross-entropy, comparable across GGM losses) against steps."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, path in csv_paths.items():
+        pts = read_metrics(path).get("val/nll", [])
+        if pts:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", ms=3, label=labels.get(name, name))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation NLL of the denoising conditional (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_png)

@@ -13,7 +13,7 @@ from glauber.loss import cross_entropy_loss, ggm_loss
 from glauber.methods.base import DiffusionModule
 from glauber.noise import NoiseLaw
 from glauber.process import make_training_example, step_probs
-from glauber.sampler import Denoiser, glauber_sample
+from glauber.sampler import Denoiser, check_count, glauber_sample, infill
 from glauber.schedule import GlauberSchedule
 
 
@@ -32,17 +32,29 @@ class GGMModule(DiffusionModule):
         self.law = NoiseLaw.from_name(p.noise, self.vocab_size, torch.tensor(counts) if counts else None, p.unigram_smoothing)
         base = self.cfg.schedule.positions_per_step
         self.train_ms = sorted(set(p.train_positions_per_step) or {base})
-        self._schedules: dict[int, GlauberSchedule] = {}
+        self._schedules: dict[tuple[int, int], GlauberSchedule] = {}
         self._t_probs: dict[tuple[int, torch.device], Tensor] = {}
         self._laws: dict[torch.device, NoiseLaw] = {}
 
-    def schedule(self, m: int | None = None) -> GlauberSchedule:
-        """The schedule with ``m`` positions per step (default: the configured one), cached."""
+    def schedule(self, m: int | None = None, sweeps: int | None = None) -> GlauberSchedule:
+        """The schedule with ``m`` positions per step and ``sweeps`` sweeps (default: the configured
+        ones), cached. Another ``K`` changes every position's signal level at every step: only a
+        network that reads the levels (``model.condition_on_alpha``) is told them, so one that reads
+        the time fraction alone is refused."""
         m = m or self.cfg.schedule.positions_per_step
-        if m not in self._schedules:
-            sc = OmegaConf.merge(self.cfg.schedule, {"positions_per_step": m})
-            self._schedules[m] = GlauberSchedule.from_config(sc, self.cfg.data.seq_len)
-        return self._schedules[m]
+        trained = self.cfg.schedule.sweeps
+        K = trained if sweeps is None else sweeps
+        check_count("sweeps", K, 1)
+        if K != trained and self.model.alpha_embed is None:
+            raise ValueError(
+                f"sweeps={K} differs from the trained schedule.sweeps={trained}, and this network reads only the "
+                "time fraction (model.condition_on_alpha=false), so it cannot know the per-position signal levels "
+                f"of another schedule: sample with sweeps={trained}, or train with model.condition_on_alpha=true"
+            )
+        if (m, K) not in self._schedules:
+            sc = OmegaConf.merge(self.cfg.schedule, {"positions_per_step": m, "sweeps": K})
+            self._schedules[m, K] = GlauberSchedule.from_config(sc, self.cfg.data.seq_len)
+        return self._schedules[m, K]
 
     def train_step_probs(self, m: int, device: torch.device) -> Tensor | None:
         """The training law of ``t`` for hidden sets of size ``m`` (None: uniform), cached per device."""
@@ -102,11 +114,15 @@ class GGMModule(DiffusionModule):
         clamp_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        sweeps: int | None = None,
+        corrector_sweeps: int = 0,
         **options: Any,
     ) -> Tensor:
         """Unconditional samples, or infilling when ``template`` and ``clamp_mask`` are given.
+        ``sweeps``: the sampling schedule's ``K`` (default: the trained one; see ``schedule``).
+        ``corrector_sweeps``: refinement sweeps after ``t = 0`` (``glauber_correct``).
         ``options``: temperature, top_p, float64 (the final categorical draw)."""
-        sched = self.schedule(positions_per_step)
+        sched = self.schedule(positions_per_step, sweeps)
         law = self.law_on(self.device)
         with self.eval_weights():
             if template is None:
@@ -115,13 +131,12 @@ class GGMModule(DiffusionModule):
                     sched,
                     law,
                     num_samples,
+                    corrector_sweeps=corrector_sweeps,
                     generator=generator,
                     device=self.device,
                     progress=progress,
                     **options,
                 )
-            from glauber.sampler import infill
-
             template = template.to(self.device)
             clamp = clamp_mask.to(self.device)
             return infill(
@@ -130,14 +145,20 @@ class GGMModule(DiffusionModule):
                 law,
                 template,
                 clamp,
+                corrector_sweeps=corrector_sweeps,
                 generator=generator,
                 progress=progress,
                 **options,
             )
 
-    def network_calls(self, positions_per_step: int | None = None, **options: Any) -> float:
-        """``T = K L / m``: one network call per step, whatever the draw."""
-        return float(self.schedule(positions_per_step).num_steps)
+    def network_calls(
+        self, positions_per_step: int | None = None, sweeps: int | None = None, corrector_sweeps: int = 0, **options: Any
+    ) -> float:
+        """``(K + corrector_sweeps) L / m``: one network call per step, whatever the draw (infilling
+        skips the steps whose positions are all clamped)."""
+        check_count("corrector_sweeps", corrector_sweeps, 0)
+        sched = self.schedule(positions_per_step, sweeps)
+        return float(sched.num_steps + corrector_sweeps * sched.steps_per_sweep)
 
     def extra_state(self) -> dict:
         return {**super().extra_state(), "noise_probs": self.law.probs.tolist()}
