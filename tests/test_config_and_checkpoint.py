@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glauber.checkpoint import AtomicCheckpointIO, config_differences, latest_checkpoint
+from glauber.checkpoint import AtomicCheckpointIO, config_differences, scan_checkpoints
 from glauber.config import batch_layout, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_config_differences_and_latest_checkpoint(tmp_path):
     a = {"method": "ggm", "model": {"size": "tiny"}, "schedule": {"sweeps": 2}, "train": {"max_steps": 1}}
     b = {"method": "ggm", "model": {"size": "small"}, "schedule": {"sweeps": 2}, "train": {"max_steps": 9}}
     assert config_differences(a, b) == ["model.size: 'tiny' -> 'small'"]
-    assert latest_checkpoint(tmp_path) is None
+    assert scan_checkpoints(tmp_path).newest is None
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    assert latest_checkpoint(tmp_path).name == "last.ckpt"
+    torch.save({"global_step": 3}, tmp_path / "checkpoints" / "last.ckpt")
+    assert scan_checkpoints(tmp_path).newest.name == "last.ckpt"

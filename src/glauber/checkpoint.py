@@ -1,11 +1,21 @@
-"""Checkpoints that are never half-written, and the check that a checkpoint fits the config."""
+"""What keeps a run directory's work safe: checkpoints that are never half-written, the choice of the
+checkpoint a restarted run continues from, the check that it fits the config, the lock that keeps a
+second training out, and moving an old run's files aside instead of deleting them (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+import socket
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -22,24 +32,44 @@ STRUCTURAL_KEYS = (
     "mdlm.time_conditioning",
 )
 
+# ``atomic_write``'s temporary files: ``.<name>.<8 random characters from mkstemp>.tmp`` beside the target.
+_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
+PARTIAL_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write`` into a temporary file in ``path``'s directory, fsync, then ``os.replace``: a killed process
+    leaves the old file or the new one, never a truncated one (at worst a partial temporary file, which
+    ``remove_partial_files`` deletes at the next start)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same directory, fsync, then ``os.replace``: a killed run
-    leaves either the old checkpoint or the new one, never a truncated file."""
+    """Lightning's checkpoint writer through ``atomic_write``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def remove_partial_files(*dirs: Path) -> list[Path]:
+    """Delete the temporary files ``atomic_write`` left in ``dirs`` when its process was killed mid-write
+    (only names of that exact form). Call it only while holding the run's lock: a running training's
+    temporary files look the same."""
+    removed = [p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_file() and PARTIAL_FILE.fullmatch(p.name)]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -62,10 +92,22 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
+def load_lazily(path: str | Path) -> dict:
+    """A checkpoint's contents with its tensors memory-mapped (cheap for any size), or a ``ValueError`` that
+    names the file and why it does not load (truncated, not a checkpoint...)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing here: unusable
+        first = re.split(r"(?<=\.)\s", str(e).strip(), maxsplit=1)[0]  # torch's advice on corruption follows
+        raise ValueError(f"{path} does not load ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"{path} does not load (not a Lightning checkpoint: no global_step)")
+    return state
+
+
 def check_compatible(ckpt_path: str | Path, current: dict) -> None:
     """Refuse to resume from a checkpoint made with another model/data/schedule configuration."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    saved = (state.get("glauber") or {}).get("config")
+    saved = (load_lazily(ckpt_path).get("glauber") or {}).get("config")
     if saved is None:
         raise ValueError(f"{ckpt_path} is not a glauber checkpoint")
     from glauber.config import with_defaults
@@ -78,9 +120,108 @@ def check_compatible(ckpt_path: str | Path, current: dict) -> None:
         )
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint a restarted run continues from: the newest of ``last.ckpt`` and SLURM's
-    ``hpc_ckpt_*.ckpt`` in the run directory."""
+@dataclass
+class CheckpointScan:
+    """What a run directory holds to resume from: the global step of each checkpoint that loads
+    (``last.ckpt``, ``step*.ckpt``, SLURM's ``hpc_ckpt_*.ckpt``) and why each other one does not."""
+
+    run_dir: Path
+    steps: dict[Path, int] = field(default_factory=dict)
+    unreadable: dict[Path, str] = field(default_factory=dict)
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    @property
+    def newest(self) -> Path | None:
+        """The loadable checkpoint of the highest global step (at a tie ``last.ckpt``, then ``hpc_ckpt``)."""
+        key = lambda p: (self.steps[p], 2 if p == self.last else int(p.name.startswith("hpc_ckpt_")))
+        return max(self.steps, key=key, default=None)
+
+    def explain(self) -> str:
+        """Which checkpoint a resumed run continues from, and why that one (for the log)."""
+        chosen = self.newest
+        lines = [f"resuming from {chosen} (global step {self.steps[chosen]}): the newest checkpoint that loads"]
+        if self.last not in self.steps and self.last not in self.unreadable:
+            lines.append("checkpoints/last.ckpt is missing")
+        elif self.last in self.steps and self.last != chosen:
+            lines.append(f"checkpoints/last.ckpt is older (global step {self.steps[self.last]})")
+        lines += [why for why in self.unreadable.values()]
+        return "; ".join(lines)
+
+
+def scan_checkpoints(run_dir: str | Path) -> CheckpointScan:
+    """Read the global step of every checkpoint a restarted run could continue from (memory-mapped: fast
+    for large checkpoints). A step checkpoint whose ``last.ckpt`` was never written (killed between the
+    two) counts like any other."""
     run_dir = Path(run_dir)
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    scan = CheckpointScan(run_dir)
+    files = [scan.last, *sorted((run_dir / "checkpoints").glob("step*.ckpt")), *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
+    for path in files:
+        if not path.is_file():
+            continue
+        try:
+            scan.steps[path] = load_lazily(path)["global_step"]
+        except ValueError as e:
+            scan.unreadable[path] = str(e)
+    return scan
+
+
+class RunDirLocked(ValueError):
+    """Another training holds the run directory (``glauber train`` prints this message and exits 2)."""
+
+
+@contextmanager
+def run_lock(run_dir: Path, owner: bool) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (``fcntl.flock``) while the block runs; refuse if another process holds it.
+
+    Only the ``owner`` takes it: the global rank 0, i.e. the launching process (the lock is not inherited
+    by the processes Lightning starts for other devices). The kernel releases it when its process ends,
+    however it ends (kill -9, a node reboot's end of the process, SLURM's requeue), so it is never left stuck.
+    On a filesystem without ``flock`` support (some Lustre mounts) the run goes on unlocked, with a warning."""
+    if not owner:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunDirLocked(
+                f"{run_dir} is in use by another training ({holder}); wait for it to finish or stop it, "
+                "or use another train.run_dir"
+            ) from None
+        except OSError as e:
+            print(f"[glauber.train] warning: cannot lock {f.name} ({e}); running unlocked", file=sys.stderr, flush=True)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+
+
+# Left in place when a run's files are moved aside: the lock, earlier runs, and SLURM's job script and logs.
+_STAY = re.compile(r"\.lock|previous|job\.sbatch|slurm-.*\.out")
+
+
+def run_history(run_dir: Path) -> list[Path]:
+    """The files and folders of the run directory that belong to an earlier run (all but ``_STAY``)."""
+    return sorted(p for p in run_dir.iterdir() if not _STAY.fullmatch(p.name)) if run_dir.is_dir() else []
+
+
+def move_aside(run_dir: Path, paths: list[Path]) -> Path:
+    """Move ``paths`` (inside ``run_dir``) to ``<run_dir>/previous/<timestamp>/``, keeping their relative
+    paths; returns that folder. Nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir / "previous" / stamp
+    n = 1
+    while dest.exists():
+        dest, n = run_dir / "previous" / f"{stamp}-{n}", n + 1
+    for p in paths:
+        target = dest / p.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+    return dest

@@ -6,6 +6,8 @@ and wrongly typed values fail at start-up with the offending key named.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ class ProcessConfig:
         ``u(a) exp(h_a)`` sums to one (``h - logsumexp(h + log u)``) before the loss. The Bayes
         classifier satisfies this already, so minimisers are unchanged; the network need not learn each
         context's normalisation through V separate classifiers. With ``weighted`` the per-sample
-        gradient equals cross-entropy's exactly.
+        gradient equals cross-entropy's exactly. None (default): on for ``weighted``, off otherwise.
     train_positions_per_step: hidden-set sizes ``m`` drawn per training batch (each must divide L);
         empty means the schedule's ``positions_per_step`` only.
     step_weighting: how training steps ``t`` are drawn: ``uniform`` (the paper) or ``inverse_noise``
@@ -45,8 +47,8 @@ class ProcessConfig:
 
     noise: str = "uniform"
     unigram_smoothing: float = 1.0  # add-k smoothing of the unigram counts (noise: unigram): keeps every u(a) > 0
-    loss: str = "analytic"
-    normalized_classifier: bool = False
+    loss: str = "weighted"  # weighted (default: learns as fast as cross-entropy) | analytic (the paper's) | see above
+    normalized_classifier: bool | None = None  # None: on for loss=weighted only, so process.loss=analytic is the paper's
     train_positions_per_step: list[int] = field(default_factory=list)
     step_weighting: str = "uniform"
 
@@ -69,7 +71,7 @@ class MaskedDiffusionConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4  # peak learning rate (AdamW)
+    lr: float = 3e-4  # peak learning rate (AdamW); a finite number > 0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 2500  # linear warm-up from lr / warmup_steps to lr over this many optimizer steps
@@ -90,7 +92,7 @@ class TrainConfig:
     global_batch_size: int = 512  # sequences per optimizer step over all devices and nodes (per-device batch is derived)
     micro_batch_size: int | None = None  # cap on the per-device batch held at once; accumulation makes up the rest
     max_steps: int = 1_000_000  # optimizer steps to train (the budget)
-    max_time: str | None = None  # wall-clock cap "DD:HH:MM:SS" (a safety net; max_steps is the budget)
+    max_time: str | None = None  # wall-clock cap "DD:HH:MM:SS", e.g. "00:12:00:00" (a safety net; max_steps is the budget)
     accelerator: str = "auto"  # auto | cpu | gpu (Lightning's)
     devices: Any = "auto"  # devices per node: auto, a count, or a list of ids
     num_nodes: int = 1  # nodes (SLURM: set by glauber slurm / the sbatch script)
@@ -101,7 +103,7 @@ class TrainConfig:
     val_batches: int = 20  # validation batches per validation
     ckpt_every_steps: int = 5000  # keep a checkpoint every this many optimizer steps (last.ckpt is always updated)
     log_every_steps: int = 50  # log train loss, throughput and lr every this many optimizer steps
-    resume: str = "auto"  # auto: continue from run_dir's last.ckpt if present | never | a checkpoint path
+    resume: str = "auto"  # auto: from run_dir's newest checkpoint that loads | never: start over, old files to previous/ | a path
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # csv and/or tensorboard (plots read the csv)
     progress_bar: bool = True  # show Lightning's progress bar
     threads: int = 0  # CPU threads of PyTorch per process (0: its default); 1 is often fastest for tiny models on a few cores
@@ -124,6 +126,8 @@ class SampleConfig:
 
     num_samples: int = 4  # samples drawn (and saved) at each validation
     positions_per_step: int | None = None  # None: the schedule's m
+    sweeps: int | None = None  # GGM: sampling K (None: schedule.sweeps); another K needs model.condition_on_alpha
+    corrector_sweeps: int = 0  # GGM: sweeps after t = 0 that re-noise each position once and redraw it (L/m network calls each)
     temperature: float = 1.0  # softmax temperature of each draw
     top_p: float = 1.0  # nucleus sampling mass (1 = off)
     float64: bool = True  # final categorical draw in float64 (exact for large vocabularies)
@@ -183,6 +187,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found; the shipped ones are in experiments/*.yaml")
         raw = OmegaConf.load(p)
+        if not isinstance(raw, DictConfig) or not raw:
+            raise ValueError(
+                f"config file {p} is empty or not a mapping of sections (model:, train: ...): running it would "
+                "train the full-size defaults; start from one of experiments/*.yaml"
+            )
     modality = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides)).get("modality", "text")
     if modality not in ("text", "image"):
         raise ValueError(f"modality must be 'text' or 'image' (got {modality!r})")
@@ -282,10 +291,54 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"image.fid_route must be auto, bundled or clean-fid (got {im.fid_route!r})")
         if im.fid_every_steps < 0 or im.fid_num_samples < 2:
             raise ValueError("image.fid_every_steps must be >= 0 and image.fid_num_samples >= 2")
-    if cfg.train.global_batch_size < 1:
-        raise ValueError("train.global_batch_size must be >= 1")
-    if cfg.train.threads < 0:
-        raise ValueError(f"train.threads must be >= 0 (0: PyTorch's default; got {cfg.train.threads})")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ValueError(f"model.dropout must be in [0, 1): the fraction of activations zeroed (got {cfg.model.dropout})")
+    validate_optim(cfg.optim)
+    validate_train(cfg.train)
+
+
+def validate_optim(o: DictConfig) -> None:
+    """Optimiser values that would train nothing, or diverge at once."""
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ValueError(f"optim.lr must be a finite number > 0 (got {o.lr}); the shipped configs use 3e-4 to 1e-3")
+
+
+def validate_train(t: DictConfig) -> None:
+    """Training-loop values that would run without doing what they say (a silent no-op), or fail late."""
+    at_least_1 = {
+        "global_batch_size": "sequences per optimizer step",
+        "max_steps": "the number of optimizer steps to train",
+        "log_every_steps": "the training loss is logged every this many steps",
+        "val_every_steps": "validation runs every this many steps; to skip it set train.val_batches=0",
+        "ckpt_every_steps": "a checkpoint is kept every this many steps",
+        "num_nodes": "the number of nodes",
+    }
+    for key, meaning in at_least_1.items():
+        if t[key] < 1:
+            raise ValueError(f"train.{key} must be >= 1 (got {t[key]}): {meaning}")
+    if t.micro_batch_size is not None and t.micro_batch_size < 1:
+        raise ValueError(f"train.micro_batch_size must be >= 1, or null for no cap (got {t.micro_batch_size})")
+    if not _devices_ok(t.devices):
+        raise ValueError(f"train.devices must be auto, -1 (all), a count >= 1 or a list of device ids (got {t.devices!r})")
+    if t.max_time is not None:
+        parts = re.fullmatch(r"(\d+):(\d+):(\d+):(\d+)", str(t.max_time))
+        if parts is None:
+            raise ValueError(f"train.max_time must be DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours, or null (got {t.max_time!r})")
+        if not any(int(x) for x in parts.groups()):
+            raise ValueError(f"train.max_time={t.max_time} stops the run before its first step: give a positive duration")
+    if t.threads < 0:
+        raise ValueError(f"train.threads must be >= 0 (0: PyTorch's default; got {t.threads})")
+
+
+def _devices_ok(devices: Any) -> bool:
+    """Whether ``train.devices`` names at least one device, in a form Lightning takes: auto, -1, a count, a
+    list of ids, or ids as text ("0,1", "2,")."""
+    if OmegaConf.is_list(devices) or isinstance(devices, list):
+        return len(devices) > 0
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices >= 1 or devices == -1
+    text = str(devices).strip()
+    return text in ("auto", "-1") or (re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text) is not None and text != "0")
 
 
 def batch_layout(global_batch: int, world_size: int, micro_batch: int | None) -> tuple[int, int]:

@@ -3,11 +3,20 @@
 Runs the same way on one process, on several local GPUs (the Trainer launches them), under ``torchrun``
 and under SLURM's ``srun`` (one task per GPU; see ``glauber slurm`` and docs/SCALING.md): every process
 calls ``train``, rank 0 alone writes files, and the process group is closed at the end.
+
+A run never loses work (docs/RELIABILITY.md): rank 0 holds the run directory's lock for the whole run,
+a restart continues from the newest checkpoint that loads, an older run's files are moved aside rather
+than deleted (and only once the new run is about to start), SIGINT/SIGTERM save ``last.ckpt`` before
+stopping, and a diverged run stops before a non-finite state reaches a checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +26,7 @@ import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +40,18 @@ from glauber.callbacks import (
     Throughput,
     ValidationSamples,
 )
-from glauber.checkpoint import AtomicCheckpointIO, check_compatible, latest_checkpoint
+from glauber.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointScan,
+    atomic_write,
+    check_compatible,
+    load_lazily,
+    move_aside,
+    remove_partial_files,
+    run_history,
+    run_lock,
+    scan_checkpoints,
+)
 from glauber.config import batch_layout
 from glauber.methods import method_class
 from glauber.plots import plot_loss_curves
@@ -73,7 +93,7 @@ def sample_callbacks(cfg: DictConfig, run_dir: Path) -> list:
 class _ContinuingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (with its columns) rather
     than deleted: a resumed or requeued run keeps the rows from before its checkpoint (``RunInfo`` drops the
-    rows logged after it; ``train`` deletes the file when a run starts from scratch)."""
+    rows logged after it; ``train`` moves it aside when a run starts from scratch)."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
@@ -168,24 +188,185 @@ def sample_options(cfg: DictConfig) -> dict[str, Any]:
     return {"positions_per_step": s.positions_per_step, "temperature": s.temperature, "top_p": s.top_p, "float64": s.float64}
 
 
-def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: ``auto`` = the newest of ``last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``
-    (None on a first start: we never pass Lightning's ``"hpc"``, which fails when there is none yet)."""
+def resume_path(cfg: DictConfig, run_dir: Path, scan: CheckpointScan | None = None) -> Path | None:
+    """The checkpoint to continue from: ``auto`` = ``scan``'s newest checkpoint that loads (None on a first
+    start: we never pass Lightning's ``"hpc"``, which fails when there is none yet); ``never`` = None; else
+    the given path, which must load."""
     mode = cfg.train.resume
     if mode == "never":
         if SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt")):
             # Under SLURM, Lightning itself resumes from these when given no checkpoint: refuse instead.
             raise ValueError(
                 f"train.resume=never, but {run_dir} holds SLURM hpc_ckpt_*.ckpt files that Lightning would resume "
-                "from by itself: use a new train.run_dir, or delete them"
+                "from by itself: use a new train.run_dir, or move them out of it"
             )
         return None
     if mode == "auto":
-        return latest_checkpoint(run_dir)
+        scan = scan or scan_checkpoints(run_dir)
+        if scan.newest is None and scan.unreadable:
+            raise ValueError(
+                f"no checkpoint in {run_dir} loads ({'; '.join(scan.unreadable.values())}); resume from another "
+                "with train.resume=PATH, or start over with train.resume=never (the old files are moved to previous/)"
+            )
+        return scan.newest
     path = Path(mode)
     if not path.is_file():
         raise FileNotFoundError(f"train.resume={mode}: no such checkpoint (use auto, never or a .ckpt path)")
+    load_lazily(path)  # a clear error now rather than a reader's traceback inside fit
     return path
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, ckpt: Path | None, scan: CheckpointScan | None) -> None:
+    """Rank 0, holding the lock, with the config checked and the run about to start: delete partial files
+    left by killed writes, move aside what this run must not continue (an earlier run's files when starting
+    from scratch, checkpoints that do not load), say what it resumes from and why, write config.yaml."""
+    removed = remove_partial_files(run_dir, run_dir / "checkpoints")
+    if removed:
+        say(f"deleted {len(removed)} partial file(s) left by a killed checkpoint write: {', '.join(p.name for p in removed)}")
+    if ckpt is not None and scan is not None:
+        say(scan.explain())
+    if ckpt is None:
+        old, what = run_history(run_dir), "the earlier run's files"
+    else:
+        old, what = list(scan.unreadable) if scan else [], "the checkpoints that do not load"
+    if old:
+        dest = move_aside(run_dir, old)
+        say(f"moved {what} ({', '.join(p.name for p in old)}) to {dest}")
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg).encode()))
+
+
+def say(message: str) -> None:
+    print(f"[glauber.train] {message}", file=sys.stderr, flush=True)
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite training loss or weights (``glauber train`` prints the message and exits 2)."""
+
+
+class DivergenceGuard(Callback):
+    """Stops the run at the first non-finite training or validation loss, and before non-finite weights reach
+    a checkpoint.
+
+    The losses of an optimizer step's micro-batches are checked at its end (one host sync per step; the ranks
+    agree through a one-element all-reduce), the validation loss before the checkpoints taken at validation,
+    and the weights whenever a checkpoint is about to be written (all ranks take part). Each raises
+    ``TrainingDiverged``, so no later checkpoint, ``last.ckpt`` included, holds the diverged state."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self._finite: torch.Tensor | None = None
+        self._step = -1
+        self._saved_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+        self._saved_step = trainer.global_step or None  # a resumed run's checkpoint
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            finite = torch.isfinite(loss.detach()).all()
+            self._finite = finite if self._finite is None else self._finite & finite
+        if trainer.global_step == self._step:  # mid-accumulation: wait for the optimizer step
+            return
+        step, self._step = self._step, trainer.global_step
+        finite = True if self._finite is None else bool(self._finite)
+        self._finite = None
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise self._diverged(f"the training loss at global step {step} is not finite")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        finite = loss is None or bool(torch.isfinite(loss).all())
+        if not trainer.sanity_checking and not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise self._diverged(f"the validation loss at global step {trainer.global_step} is not finite")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        params = [p.detach() for p in pl_module.parameters() if p.is_floating_point()]
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise self._diverged(f"the weights are not finite at global step {trainer.global_step}")
+        self._saved_step = trainer.global_step
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        kept = f" (the newest at global step {self._saved_step})" if self._saved_step is not None else ""
+        return TrainingDiverged(
+            f"training diverged: {what}. Likely cause: a learning rate too high for this model and batch "
+            f"(optim.lr={self.lr:g}): start over (train.resume=never keeps this run in previous/) with a lower "
+            "optim.lr, a longer optim.warmup_steps or optim.grad_clip on; else bad input data. Nothing of the "
+            f"diverged state was saved; the checkpoints already written are kept{kept}."
+        )
+
+
+class StopOnSignal(Callback):
+    """SIGINT (Ctrl+C) or SIGTERM (``kill``, ``docker stop``, ``scancel``): finish the optimizer step in
+    progress, save ``last.ckpt``, and stop; ``train`` then exits with 128 + the signal's number (130, 143).
+    A second signal stops at once, without saving (KeyboardInterrupt).
+
+    The handlers are installed at ``on_train_start``, after Lightning's own SIGTERM handler (which would end
+    the run with exit code 0 and nothing saved), and put back at the end. As in ``SlurmRequeue``, the
+    handler only sets a flag; the ranks agree on it once per optimizer step (a one-element all-reduce), so
+    ``last.ckpt`` is taken between steps and a resumed run equals an uninterrupted one."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, last_ckpt: Path) -> None:
+        self.last = last_ckpt
+        self.received = 0  # the signal this process got
+        self.stopped_by = 0  # the signal the run stopped for (the same on every rank)
+        self._previous: dict[int, Any] = {}
+        self._step = -1
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+        # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
+        os.write(
+            sys.stderr.fileno(),
+            f"[glauber.train] {signal.Signals(signum).name}: saving last.ckpt at the end of this optimizer step, "
+            "then stopping (send it again to stop at once, without saving)\n".encode(),
+        )
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._step:  # mid-accumulation (same on every rank): wait for the optimizer step
+            return
+        self._step = trainer.global_step
+        signum = self.received
+        if trainer.world_size > 1:  # the signal any rank got
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device), reduce_op="max"))
+        if not signum:
+            return
+        trainer.save_checkpoint(self.last)  # every rank (a barrier inside), rank 0 writes
+        self.stopped_by = signum
+        if trainer.is_global_zero:
+            say(
+                f"{signal.Signals(signum).name}: saved {self.last} at global step {trainer.global_step}; stopping "
+                f"(exit code {128 + signum}). Run the same command to resume."
+            )
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0  # no final validation on the way out (Lightning runs one on should_stop)
 
 
 @contextmanager
@@ -202,7 +383,8 @@ def cpu_threads(n: int) -> Iterator[None]:
 
 
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> Path:
-    """Fit a model as configured; returns the run directory."""
+    """Fit a model as configured; returns the run directory. Raises ``SystemExit(128 + signal)`` after a
+    SIGINT/SIGTERM stop (``last.ckpt`` saved), ``TrainingDiverged`` on a non-finite loss or weights."""
     with cpu_threads(cfg.train.threads):
         return _fit(cfg, extra_callbacks)
 
@@ -211,7 +393,8 @@ def _fit(cfg: DictConfig, extra_callbacks: list | None) -> Path:
     run_dir = Path(cfg.train.run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     per_device, accumulate = batch_layout(cfg.train.global_batch_size, world_size(cfg), cfg.train.micro_batch_size)
-    ckpt = resume_path(cfg, run_dir)
+    scan = scan_checkpoints(run_dir) if cfg.train.resume == "auto" else None
+    ckpt = resume_path(cfg, run_dir, scan)
     container = OmegaConf.to_container(cfg, resolve=True)
     if ckpt is not None:
         check_compatible(ckpt, container)
@@ -219,18 +402,20 @@ def _fit(cfg: DictConfig, extra_callbacks: list | None) -> Path:
     # Every process checks: missing data stops all of them here, in seconds, with what to do (none is left
     # waiting for a peer that has exited).
     dm.check_available()
-    callbacks = [RunInfo(run_dir, ckpt, per_device, accumulate), *(extra_callbacks or [])]
-    trainer = build_trainer(cfg, run_dir, accumulate, callbacks)
-    if trainer.is_global_zero:  # the rank is known before fit under srun, torchrun and Lightning's own launcher
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
-        if ckpt is None:  # a run from scratch does not continue an older run's metrics
-            (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
-    module = method_class(cfg.method)(container)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.is_global_zero:
-        plot_loss_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "loss.png")
+    stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")
+    guards = [RunInfo(run_dir, ckpt, per_device, accumulate), stop, DivergenceGuard(cfg.optim.lr)]
+    trainer = build_trainer(cfg, run_dir, accumulate, [*guards, *(extra_callbacks or [])])
+    # the rank is known before fit under srun, torchrun and Lightning's own launcher
+    with run_lock(run_dir, owner=trainer.is_global_zero):
+        module = method_class(cfg.method)(container)
+        if trainer.is_global_zero:
+            prepare_run_dir(cfg, run_dir, ckpt, scan)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+        if trainer.is_global_zero:
+            plot_loss_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "loss.png")
     close_distributed()
+    if stop.stopped_by:
+        raise SystemExit(128 + stop.stopped_by)
     return run_dir
 
 
