@@ -27,6 +27,7 @@ from glauber.loss import (
     classifier_logits,
     conditional_from_classifier,
     denoising_logits,
+    explicit_weighted_loss,
     ggm_loss,
     normalize_h,
     single_sample_loss,
@@ -167,7 +168,9 @@ def expected_loss(
         h = normalize_h(h, law)
     for b in range(V):
         tb = torch.full((h.shape[0],), b, dtype=torch.long)
-        if loss_name != "single_sample":
+        if loss_name == "explicit_weighted":
+            per = explicit_weighted_loss(h, tb, pi, law)
+        elif loss_name != "single_sample":
             per = ggm_loss(loss_name, h, tb, pi, law, normalized=normalized)
         else:  # enumerate z in {phi} u X with weights Pi_t(z)
             per = pi * single_sample_loss(h, tb, pi, law, torch.full_like(tb, -1))
@@ -185,10 +188,13 @@ def test_minimising_the_loss_with_free_logits_recovers_bayes(loss_name, gen):
     # The expected loss is a sum of 1-D convex terms, one per (problem, token): damped Newton with
     # autograd derivatives minimises it to machine precision from h = 0. (Token-weighted losses take
     # their weights without gradient: the weight cancels in the Newton step, and any positive weight
-    # leaves each token's logistic problem with the same minimiser.)
+    # leaves each token's logistic problem with the same minimiser. ``weighted`` trains through a closed
+    # form of its gradient, which has no curvature; Newton runs on its definition, the explicitly
+    # weighted loss, whose gradient the closed form equals: test_loss_options.py.)
+    name = "explicit_weighted" if loss_name == "weighted" else loss_name
     h = torch.zeros_like(cond, requires_grad=True)
     for _ in range(60):
-        (g,) = torch.autograd.grad(expected_loss(loss_name, h, cond, pi, law), h, create_graph=True)
+        (g,) = torch.autograd.grad(expected_loss(name, h, cond, pi, law), h, create_graph=True)
         (curv,) = torch.autograd.grad(g.sum(), h)
         with torch.no_grad():
             h -= (g / curv).clamp(-1, 1)

@@ -11,6 +11,7 @@ from glauber.loss import (
     LOSS_NAMES,
     analytic_loss,
     cross_entropy_loss,
+    explicit_weighted_loss,
     ggm_loss,
     normalize_h,
     time_weighted_loss,
@@ -43,6 +44,31 @@ def test_weighted_loss_gradient_is_q_minus_onehot(problem):
     q = law.probs.double() * h.exp()
     expected = q - torch.nn.functional.one_hot(targets, V).double()
     assert (grad_of(weighted_loss, h, targets, pi, law) - expected).abs().max() < 1e-10
+
+
+def test_weighted_loss_closed_form_equals_its_definition(problem):
+    """The training form computes the gradient of the explicitly token-weighted analytic loss."""
+    h, targets, pi, law = problem
+    explicit = grad_of(explicit_weighted_loss, h, targets, pi, law)
+    assert (grad_of(weighted_loss, h, targets, pi, law) - explicit).abs().max() < 1e-10
+    assert torch.allclose(explicit_weighted_loss(h, targets, pi, law), weighted_loss(h, targets, pi, law), rtol=1e-12, atol=0)
+
+
+def test_weighted_loss_gradient_is_exact_in_float32_where_the_explicit_form_cancels():
+    """Confident, nearly clean positions: the explicit form multiplies weights ~V/(1-Pi) by classifier
+    terms ~(1-Pi)/V, losing digits; the closed form keeps float32 precision."""
+    g = torch.Generator().manual_seed(2)
+    V = 4096
+    law = NoiseLaw.uniform(V)
+    h = torch.randn(256, V, dtype=torch.float64, generator=g)
+    targets = torch.randint(V, (256,), generator=g)
+    h[torch.arange(256), targets] += 12.0  # confident
+    h = normalize_h(h, law)
+    pi = torch.full((256,), 1 - 1e-3, dtype=torch.float64)
+    exact = grad_of(weighted_loss, h, targets, pi, law)
+    err_closed = (grad_of(weighted_loss, h.float(), targets, pi, law).double() - exact).abs().max()
+    err_explicit = (grad_of(explicit_weighted_loss, h.float(), targets, pi, law).double() - exact).abs().max()
+    assert err_closed < 1e-6 < err_explicit
 
 
 def test_analytic_loss_gradient_matches_the_closed_form_that_motivates_the_weights(problem):

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from glauber.loss import cross_entropy_loss, ggm_loss
+from glauber.loss import cross_entropy_loss, ggm_loss, uses_normalized_classifier
 from glauber.methods.base import DiffusionModule
 from glauber.noise import NoiseLaw
 from glauber.process import make_training_example, step_probs
@@ -97,7 +97,8 @@ class GGMModule(DiffusionModule):
         ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator, t_probs=t_probs)
         h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
         p = self.cfg.process
-        per = ggm_loss(p.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator, p.normalized_classifier)
+        normalized = uses_normalized_classifier(p.loss, p.normalized_classifier)
+        per = ggm_loss(p.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator, normalized)
         per_row = per.view(batch.shape[0], -1).mean(1)
         extra = {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
         if not self.training:  # comparable across losses: -log p_t(X_t^i | context) of the implied conditional
