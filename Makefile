@@ -25,8 +25,8 @@ demo: $(STAMP)  ## train on bundled tiny Shakespeare (CPU, ~10 min) -> runs/demo
 demo-images: $(STAMP)  ## VQ tokenizer + GGM on the bundled emoji (CPU): samples, infilling, FID -> runs/emoji/report.md
 	$(VENV)/bin/glauber image-demo --out runs/emoji $(ARGS)
 
-compare: $(STAMP)  ## GGM vs GGM-CE vs MDLM vs AR on tiny Shakespeare, one budget (CPU) -> runs/compare/results.md
-	$(VENV)/bin/glauber compare --out runs/compare $(ARGS)
+compare: $(STAMP)  ## GGM (paper's and weighted loss) vs GGM-CE vs MDLM vs AR on tiny Shakespeare at 300/1,000/3,000 steps (CPU, ~1 h) -> runs/compare/results.md
+	$(VENV)/bin/glauber compare --out runs/compare --budgets 300,1000,3000 $(ARGS)
 
 train-vq: $(STAMP)  ## train a VQ image tokenizer: make train-vq CONFIG=experiments/vq_emoji.yaml
 	$(VENV)/bin/glauber train-vq $(or $(CONFIG),experiments/vq_emoji.yaml) $(ARGS)

@@ -257,6 +257,16 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)} (got {cfg.method!r})")
+    s = cfg.sample
+    if s.sweeps is not None and s.sweeps < 1:
+        raise ValueError(f"sample.sweeps must be >= 1 or null for the trained schedule.sweeps (got {s.sweeps})")
+    if s.corrector_sweeps < 0:
+        raise ValueError(f"sample.corrector_sweeps must be >= 0 (got {s.corrector_sweeps})")
+    if s.sweeps not in (None, cfg.schedule.sweeps) and not cfg.model.condition_on_alpha:
+        raise ValueError(
+            f"sample.sweeps={s.sweeps} differs from schedule.sweeps={cfg.schedule.sweeps}, which needs a network that reads "
+            "per-position signal levels: set model.condition_on_alpha=true or sample.sweeps=null"
+        )
     if 0 < cfg.model.learned_positions < L:
         raise ValueError(f"model.learned_positions={cfg.model.learned_positions} must be 0 (off) or >= data.seq_len={L}")
     if cfg.method == "ar":

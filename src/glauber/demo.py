@@ -30,7 +30,12 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
     L = cfg.data.seq_len
     m = cfg.sample.positions_per_step
     t1 = time.time()
-    opts = {"positions_per_step": m, "temperature": cfg.sample.temperature, "top_p": cfg.sample.top_p}
+    opts = {
+        "positions_per_step": m,
+        "corrector_sweeps": cfg.sample.corrector_sweeps,
+        "temperature": cfg.sample.temperature,
+        "top_p": cfg.sample.top_p,
+    }
     uncond = generate(module, 4, 4, seed=1, **opts)
     sample_s = time.time() - t1
 
@@ -60,7 +65,8 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
         f"V = {module.vocab_size}, K = {cfg.schedule.sweeps} sweeps",
         f"- trained {step} optimizer steps, batch {cfg.train.global_batch_size}, in {train_s / 60:.1f} min on "
         f"{torch.get_num_threads()} CPU threads; final train loss {train_loss:.4f}, validation loss (EMA) {val_loss:.4f}",
-        f"- sampling: m = {m} positions per network call, {cfg.schedule.sweeps * L // m} network calls per sample, "
+        f"- sampling: m = {m} positions per network call, {module.network_calls(**opts):.0f} network calls per sample "
+        f"({cfg.sample.corrector_sweeps} corrector sweeps), "
         f"temperature {cfg.sample.temperature}, top-p {cfg.sample.top_p}; "
         f"4 samples in {sample_s:.1f} s",
         "",

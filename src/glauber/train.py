@@ -185,7 +185,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
 
 def sample_options(cfg: DictConfig) -> dict[str, Any]:
     s = cfg.sample
-    return {"positions_per_step": s.positions_per_step, "temperature": s.temperature, "top_p": s.top_p, "float64": s.float64}
+    return {
+        "positions_per_step": s.positions_per_step,
+        "sweeps": s.sweeps,
+        "corrector_sweeps": s.corrector_sweeps,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "float64": s.float64,
+    }
 
 
 def resume_path(cfg: DictConfig, run_dir: Path, scan: CheckpointScan | None = None) -> Path | None:
