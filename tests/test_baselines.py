@@ -30,13 +30,7 @@ ENTROPY = float(-(LOG_P0.exp() * LOG_P0).sum())  # nats per sequence
 N_SAMPLES = 4000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest (and most reproducibly) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def draw_chain(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import corpus_overrides
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +43,8 @@ def judge_dir(root: Path) -> Path:
 
 
 def overrides(tmp: Path, run: str) -> list[str]:
-    corpus = tmp / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_text(CORPUS)
     return [
-        f"data.source={corpus}",
-        f"data.cache_dir={tmp / 'cache'}",
+        *corpus_overrides(tmp, CORPUS),
         f"train.run_dir={tmp / run}",
         f"train.max_steps={STEPS}",
         "train.val_every_steps=3",

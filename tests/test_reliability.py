@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import corpus_overrides
 
 from glauber.cli import main
 from glauber.config import load_config
@@ -31,12 +32,8 @@ CORPUS = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for
 
 def tiny(tmp: Path, run: Path, steps: int, *more: str) -> list[str]:
     """experiments/tiny.yaml on a small corpus (shared per test module), no validation unless asked."""
-    corpus = tmp / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_text(CORPUS)
     return [
-        f"data.source={corpus}",
-        f"data.cache_dir={tmp / 'cache'}",
+        *corpus_overrides(tmp, CORPUS),
         f"train.run_dir={run}",
         f"train.max_steps={steps}",
         "train.val_every_steps=1000",

@@ -148,7 +148,29 @@ def hpc_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted((int(m.group(1)), p) for m, p in named if m)]
 
 
-class SlurmRequeue(Callback):
+class AtStepBoundary(Callback):
+    """Base of callbacks that act between optimizer steps only, never mid-accumulation (where the data
+    position and the noise counter are a micro-batch ahead of the weights): ``on_step_boundary`` runs once
+    per optimizer step, at the same point on every rank."""
+
+    _step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._step:  # mid-accumulation (same on every rank): wait for the optimizer step
+            return
+        self._step = trainer.global_step
+        self.on_step_boundary(trainer, pl_module)
+
+    def on_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+
+class SlurmRequeue(AtStepBoundary):
     """SLURM's warning before the time limit (``sbatch --signal=SIGUSR1@90``) or ``scancel --signal=USR1``:
     at the end of the optimizer step in progress, all ranks together save ``<run_dir>/hpc_ckpt_N.ckpt``,
     rank 0 runs ``scontrol requeue``, and training stops; the requeued job (same script, same run
@@ -165,7 +187,6 @@ class SlurmRequeue(Callback):
     def __init__(self, run_dir: str | Path, signum: int = signal.SIGUSR1) -> None:
         self.run_dir, self.signum = Path(run_dir), signum
         self.requested = False
-        self._step = -1
         self._previous: Any = None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -180,15 +201,7 @@ class SlurmRequeue(Callback):
             signal.signal(self.signum, self._previous)
             self._previous = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._step = trainer.global_step
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self._step:  # mid-accumulation (same on every rank): wait for the optimizer step
-            return
-        self._step = trainer.global_step
+    def on_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):  # any rank signalled
             return
         self.requested = False

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.text import TextDataModule
 from glauber.callbacks import (
+    AtStepBoundary,
     GenerativePerplexityEval,
     LossByNoisePlot,
     RunInfo,
@@ -307,7 +308,7 @@ class DivergenceGuard(Callback):
         )
 
 
-class StopOnSignal(Callback):
+class StopOnSignal(AtStepBoundary):
     """SIGINT (Ctrl+C) or SIGTERM (``kill``, ``docker stop``, ``scancel``): finish the optimizer step in
     progress, save ``last.ckpt``, and stop; ``train`` then exits with 128 + the signal's number (130, 143).
     A second signal stops at once, without saving (KeyboardInterrupt).
@@ -324,7 +325,6 @@ class StopOnSignal(Callback):
         self.received = 0  # the signal this process got
         self.stopped_by = 0  # the signal the run stopped for (the same on every rank)
         self._previous: dict[int, Any] = {}
-        self._step = -1
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received:
@@ -344,7 +344,7 @@ class StopOnSignal(Callback):
         self._previous = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
 
@@ -354,12 +354,7 @@ class StopOnSignal(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self._step:  # mid-accumulation (same on every rank): wait for the optimizer step
-            return
-        self._step = trainer.global_step
+    def on_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signum = self.received
         if trainer.world_size > 1:  # the signal any rank got
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device), reduce_op="max"))
