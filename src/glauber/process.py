@@ -3,6 +3,10 @@
 After its last visit before ``t``, position ``i`` holds its clean token with probability
 ``alpha_i(t)`` and otherwise a fresh draw from ``u``, independently across positions, so ``X_t`` is
 drawn from ``X_0`` for a whole batch of different ``t`` at once.
+
+The public functions check their inputs (shapes, token ids, steps) unless called inside
+``schedule.trusted_inputs()``; the training step checks its data where it enters and calls
+``make_training_example`` there, where nothing reads a device value back on the host.
 """
 
 from __future__ import annotations
@@ -13,30 +17,41 @@ import torch
 from torch import Tensor
 
 from glauber.noise import NoiseLaw
-from glauber.schedule import GlauberSchedule
+from glauber.schedule import GlauberSchedule, checks_enabled, trusted_inputs
 
 
 def check_token_ids(x: Tensor, vocab_size: int, name: str = "tokens") -> None:
-    """Raise ``ValueError`` unless ``x`` is an integer tensor of ids in ``[0, vocab_size)``."""
+    """Raise ``ValueError`` unless ``x`` is an integer tensor of ids in ``[0, vocab_size)``.
+
+    Reads ``x``'s extremes on the host (one synchronisation on an accelerator): call it where data
+    enters, not per step."""
     if x.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8):
         raise ValueError(f"{name} must hold integer token ids (got dtype {x.dtype})")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} holds token ids in [{int(x.min())}, {int(x.max())}], outside the vocabulary "
-            f"[0, {vocab_size}); check the tokenizer and vocab_size agree"
-        )
+    if x.numel():
+        lo, hi = torch.stack(torch.aminmax(x)).tolist()
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"{name} holds token ids in [{lo}, {hi}], outside the vocabulary "
+                f"[0, {vocab_size}); check the tokenizer and vocab_size agree"
+            )
 
 
-def _check_batch(x0: Tensor, schedule: GlauberSchedule, law: NoiseLaw) -> None:
+def check_batch(x0: Tensor, schedule: GlauberSchedule, law: NoiseLaw, name: str = "x0") -> None:
+    """Raise ``ValueError`` unless ``x0`` is ``[B, L]`` of token ids of ``law``'s vocabulary."""
     if x0.ndim != 2 or x0.shape[1] != schedule.seq_len:
         raise ValueError(f"sequences must have shape [B, L={schedule.seq_len}] (got {tuple(x0.shape)})")
-    check_token_ids(x0, law.vocab_size, "x0")
+    check_token_ids(x0, law.vocab_size, name)
 
 
 def noise_to(x0: Tensor, t: Tensor, schedule: GlauberSchedule, law: NoiseLaw, generator: torch.Generator | None = None) -> Tensor:
-    """Draw ``X_t`` given ``X_0 = x0`` for each row's own step ``t`` (``0 <= t <= T``), in closed form."""
-    _check_batch(x0, schedule, law)
-    level = schedule.signal_level(t.to(x0.device))
+    """Draw ``X_t`` given ``X_0 = x0`` for each row's own step ``t`` (``0 <= t <= T``), in closed form.
+    Checks ``x0`` and ``t`` unless inside ``trusted_inputs()``."""
+    t = t.to(x0.device)
+    if checks_enabled():
+        check_batch(x0, schedule, law)
+        schedule.check_steps(t, allow_end=True)
+    with trusted_inputs():
+        level = schedule.signal_level(t)
     keep = torch.rand(level.shape, dtype=torch.float64, device=x0.device, generator=generator) < level
     noise = law.to(x0.device).sample(tuple(x0.shape), generator)
     return torch.where(keep, x0, noise)
@@ -58,7 +73,7 @@ def simulate_forward(
     x0: Tensor, t: Tensor, schedule: GlauberSchedule, law: NoiseLaw, generator: torch.Generator | None = None
 ) -> Tensor:
     """``X_t`` by running the chain step by step (slow reference; rows stop at their own ``t``)."""
-    _check_batch(x0, schedule, law)
+    check_batch(x0, schedule, law)
     schedule.check_steps(t, allow_end=True)
     x = x0.clone()
     for s in range(int(t.max()) if t.numel() else 0):
@@ -114,17 +129,35 @@ def make_training_example(
     t_probs: Tensor | None = None,
 ) -> TrainingExample:
     """Draw ``t`` per row (unless given: ``U{0..T-1}``, or ``t_probs`` from ``step_probs``), ``X_t`` in
-    closed form, and hide ``S_t``."""
-    _check_batch(x0, schedule, law)
+    closed form, and hide ``S_t``.
+
+    Checks ``x0`` (shape, token ids), a given ``t`` and ``t_probs`` unless inside ``trusted_inputs()``;
+    there it makes no host-device synchronisation (``t_probs`` is drawn by inverse CDF on the device)."""
+    B = x0.shape[0]
+    if checks_enabled():
+        check_batch(x0, schedule, law)
+        if t is not None:
+            schedule.check_steps(t)
+        if t_probs is not None:
+            _check_step_probs(t_probs, schedule)
     if t is None and t_probs is None:
-        t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
+        t = torch.randint(0, schedule.num_steps, (B,), device=x0.device, generator=generator)
     elif t is None:
-        t = torch.multinomial(t_probs.to(x0.device), x0.shape[0], replacement=True, generator=generator)
-    xt = noise_to(x0, t, schedule, law, generator)
-    pos = schedule.step_positions(t)
-    pi = schedule.pi_phi(t)
-    pos, order = pos.sort(dim=1)
-    pi = pi.gather(1, order)
-    mask = schedule.hidden_mask(t)
+        cdf = t_probs.to(device=x0.device, dtype=torch.float64).cumsum(0)
+        r = torch.rand(B, dtype=torch.float64, device=x0.device, generator=generator) * cdf[-1]
+        t = torch.searchsorted(cdf, r, right=True).clamp_(max=schedule.num_steps - 1)
+    else:
+        t = t.to(x0.device)
+    with trusted_inputs():
+        xt = noise_to(x0, t, schedule, law, generator)
+        pos, pi = schedule.hidden_set(t)
+        mask = schedule.hidden_mask(t)
     x_in = xt.masked_fill(mask, hidden_id)
     return TrainingExample(x_in, mask, pos, xt.gather(1, pos), t, pi)
+
+
+def _check_step_probs(t_probs: Tensor, schedule: GlauberSchedule) -> None:
+    if t_probs.shape != (schedule.num_steps,):
+        raise ValueError(f"t_probs must have shape [T={schedule.num_steps}] (got {tuple(t_probs.shape)})")
+    if not bool((torch.isfinite(t_probs) & (t_probs >= 0)).all() & (t_probs.sum() > 0)):
+        raise ValueError("t_probs must be finite, >= 0 and not all zero (see step_probs)")

@@ -4,6 +4,18 @@ A denoiser is a callable ``f(x_in, hidden_mask, t) -> h``: ``x_in [B, L]`` holds
 hidden positions set to ``hidden_id``, ``hidden_mask [B, L]`` marks them, ``t [B]`` is the step;
 it returns ``h [N, V]`` for the ``N`` hidden positions in ``hidden_mask.nonzero()`` order (row-major),
 so the vocabulary head is computed only where a token is drawn. ``p_t(.|c) = softmax(h + log u)``.
+
+A denoiser whose attribute ``takes_positions`` is true (the GGM network's adapter) is instead given
+``S_t`` as sorted positions ``[B, m]`` (``GlauberSchedule.hidden_set``) and returns ``h [B * m, V]``
+in that order: static shapes, so neither the sampler nor the network reads a count or an index set
+back on the host. Under infilling the clamped positions of ``S_t`` are among them, shown with their
+tokens in ``x_in`` (not ``hidden_id``); their rows of ``h`` are ignored.
+
+Host-device synchronisations: the entry points check their inputs once (``x_init``'s token ids);
+the steps then run inside ``schedule.trusted_inputs()`` and make none, except under infilling:
+one per reverse pass (the sampling run, each corrector sweep) to find the steps whose hidden set is
+wholly clamped (skipped), and for a denoiser that takes masks, the count of free hidden positions
+and the masked write at every step (the network's adapter takes positions: none per step).
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from tqdm.auto import tqdm
 from glauber.loss import denoising_logits
 from glauber.noise import NoiseLaw
 from glauber.process import check_token_ids, noise_to
-from glauber.schedule import GlauberSchedule
+from glauber.schedule import GlauberSchedule, checks_enabled, trusted_inputs
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -90,9 +102,10 @@ def glauber_sample(
     draw = dict(hidden_id=V if hidden_id is None else hidden_id, temperature=temperature, top_p=top_p, float64=float64)
     steps = range(schedule.num_steps - 1, -1, -1)
     _reverse_steps(denoiser, schedule, law, x, clamp, steps, generator, progress, "sampling", **draw)
-    return glauber_correct(
-        denoiser, schedule, law, x, corrector_sweeps, clamp_mask=clamp, generator=generator, progress=progress, **draw
-    )
+    with trusted_inputs():  # x is the sampler's own draw
+        return glauber_correct(
+            denoiser, schedule, law, x, corrector_sweeps, clamp_mask=clamp, generator=generator, progress=progress, **draw
+        )
 
 
 @torch.no_grad()
@@ -139,7 +152,8 @@ def glauber_correct(
     n = schedule.steps_per_sweep
     first_sweep_done = torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)
     for _ in range(sweeps):
-        noised = noise_to(x, first_sweep_done, schedule, law, generator)
+        with trusted_inputs():
+            noised = noise_to(x, first_sweep_done, schedule, law, generator)
         x = noised if clamp is None else torch.where(clamp, x, noised)
         _reverse_steps(denoiser, schedule, law, x, clamp, range(n - 1, -1, -1), generator, progress, "correcting", **draw)
     return x
@@ -160,20 +174,48 @@ def _reverse_steps(
     top_p: float,
     float64: bool,
 ) -> None:
-    """The heat-bath steps ``t`` in ``steps`` on ``x`` in place, one denoiser call each."""
-    B, V = x.shape[0], law.vocab_size
-    for t in tqdm(steps, desc=desc, disable=not progress, leave=False):
-        t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
-        hidden = schedule.hidden_mask(t_vec)
-        if clamp is not None:
-            hidden &= ~clamp
-        n_hidden = int(hidden.sum())
-        if n_hidden == 0:
-            continue
-        h = denoiser(x.masked_fill(hidden, hidden_id), hidden, t_vec)
-        if h.shape != (n_hidden, V):
-            raise ValueError(f"denoiser returned shape {tuple(h.shape)}, expected [{n_hidden}, {V}] (hidden positions x vocab)")
-        x[hidden] = draw_categorical(denoising_logits(h, law), temperature, top_p, generator, float64)
+    """The heat-bath steps ``t`` in ``steps`` on ``x`` in place, one denoiser call each.
+
+    Runs inside ``trusted_inputs()`` (the callers checked ``x``; the steps are the schedule's). Without
+    a clamp every row hides exactly ``m`` positions, so a step makes no host-device synchronisation:
+    the hidden set comes from the schedule's cached table, ``h`` has ``B * m`` rows and the draws are
+    scattered back to those positions. With a clamp (infilling), one synchronisation per call finds
+    the steps whose hidden set is wholly clamped (skipped); a denoiser that takes positions is still
+    synchronisation-free per step (the draws at clamped positions are discarded), one that takes a
+    mask needs the count of free positions and a masked write at each step."""
+    B, V, m = x.shape[0], law.vocab_size, schedule.m
+    law = law.to(x.device)
+    by_positions = bool(getattr(denoiser, "takes_positions", False))
+    with trusted_inputs():
+        skip = None
+        if clamp is not None:  # steps whose hidden set is clamped in every row: one transfer per call
+            free = (~clamp)[:, schedule.table_on("positions", x.device)]  # (B, T, m)
+            skip = (~free.any(dim=2).any(dim=0)).tolist()
+        for t in tqdm(steps, desc=desc, disable=not progress, leave=False):
+            if skip is not None and skip[t]:
+                continue
+            t_vec = torch.full((B,), t, dtype=torch.long, device=x.device)
+            pos, _ = schedule.hidden_set(t_vec)  # (B, m), the row-major order of `hidden`
+            hidden = schedule.hidden_mask(t_vec)
+            if clamp is not None:
+                hidden &= ~clamp
+            x_in = x.masked_fill(hidden, hidden_id)
+            if by_positions or clamp is None:
+                rows = B * m
+                h = denoiser(x_in, pos, t_vec) if by_positions else denoiser(x_in, hidden, t_vec)
+            else:  # a mask denoiser under infilling: as many rows as free hidden positions
+                rows = int(hidden.sum())
+                h = denoiser(x_in, hidden, t_vec)
+            if h.shape != (rows, V):
+                raise ValueError(f"denoiser returned shape {tuple(h.shape)}, expected [{rows}, {V}] (hidden positions x vocab)")
+            drawn = draw_categorical(denoising_logits(h, law), temperature, top_p, generator, float64)
+            if by_positions or clamp is None:
+                drawn = drawn.view(B, m)
+                if clamp is not None:
+                    drawn = torch.where(clamp.gather(1, pos), x.gather(1, pos), drawn)
+                x.scatter_(1, pos, drawn)
+            else:
+                x[hidden] = drawn
 
 
 def infill(
@@ -224,6 +266,8 @@ def check_count(name: str, value: int, minimum: int) -> None:
 
 
 def _check_tokens(x: Tensor, L: int, V: int, name: str) -> None:
+    """Shape (always: no synchronisation) and token ids (unless inside ``trusted_inputs()``)."""
     if x.ndim != 2 or x.shape[1] != L:
         raise ValueError(f"{name} must have shape [B, L={L}] (got {tuple(x.shape)})")
-    check_token_ids(x, V, name)
+    if checks_enabled():
+        check_token_ids(x, V, name)

@@ -5,12 +5,23 @@ positions per step ``m``, the signal curve and clock, the visiting order), so th
 configured twice: ``T = K * L / m`` steps, the positions ``S_t`` of every step, each position's
 visit times, ``Pi_t(phi)`` of every visit and each position's signal level ``alpha_i(t)``.
 See METHOD.md, "Forward (noising) process".
+
+Input checks and the hot path. Every check of a tensor's values (steps in range, token ids in the
+vocabulary, ``0 < Pi_t(phi) < 1``) reads a device value back on the host: on an accelerator, a
+synchronisation that stalls the queue, several per training or sampling step. So values are checked
+where they enter (config load, the DataModule's token cache, the noise law's and the schedule's
+construction, the public functions when a user calls them), and code that has already checked its
+inputs runs its per-step work inside ``trusted_inputs()``, where those per-call checks are skipped
+(``checks_enabled()`` is False). The explicit checks (``check_steps``, ``process.check_token_ids``)
+always run when called. The schedule's tables are copied to a device once and cached there.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +53,28 @@ ALPHA_CURVES: dict[str, AlphaFn] = {
 CLOCKS = ("visit", "sweep")
 ORDERS = ("round_robin", "strided", "random")
 
+_TRUSTED: ContextVar[bool] = ContextVar("glauber_trusted_inputs", default=False)
+
+
+def checks_enabled() -> bool:
+    """Whether the per-call input checks of the public functions run: yes, except inside
+    ``trusted_inputs()`` and while ``torch.compile`` traces (where reading a value breaks the graph)."""
+    return not _TRUSTED.get() and not torch.compiler.is_compiling()
+
+
+@contextmanager
+def trusted_inputs() -> Iterator[None]:
+    """Skip the per-call input checks (each a host-device synchronisation) inside the block.
+
+    For loops whose inputs were checked where they entered: the training step (batches from a
+    validated token cache, the first one checked again), the sampler (its entry checks ``x_init``,
+    the steps come from the schedule). Nested use and threads are safe (a context variable)."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
 
 @dataclass
 class ScheduleConfig:
@@ -71,6 +104,10 @@ class GlauberSchedule:
 
     Time convention: ``X_0`` is data; step ``t`` (``0 <= t < T``) turns ``X_t`` into ``X_{t+1}``
     by visiting the positions ``S_t = positions[t]``.
+
+    The tables live on the CPU; the lookups (``signal_level``, ``step_positions``, ``pi_phi``,
+    ``hidden_set``, ``hidden_mask``) read copies on the device of ``t``, made once per device and
+    cached. They check ``t`` (integer steps in range) unless inside ``trusted_inputs()``.
     """
 
     def __init__(
@@ -143,6 +180,17 @@ class GlauberSchedule:
         self._level_table = torch.cat([torch.ones(1, seq_len, dtype=torch.float64), levels], dim=0)
         sweep_of_step = steps // n
         self.step_pi_phi = self.pi_phi_visit[sweep_of_step[:, None], self.positions]  # (T, m)
+        pi = self.step_pi_phi
+        if not bool(((pi > 0) & (pi < 1)).all()):  # float64 rounding of levels / before
+            raise ValueError(
+                f"Pi_t(phi) must lie strictly in (0, 1) at every step (got {float(pi.min())}..{float(pi.max())}): "
+                f"alpha={self.alpha_name!r} with alpha_min={alpha_min} falls too slowly between visits for float64"
+            )
+        # S_t in increasing order (the row-major order of a hidden mask) and Pi_t(phi) there, (T, m)
+        order = self.positions.argsort(dim=1)
+        self.sorted_positions = self.positions.gather(1, order)
+        self.sorted_pi_phi = self.step_pi_phi.gather(1, order)
+        self._device_tables: dict[tuple[str, torch.device], Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, seq_len: int) -> GlauberSchedule:
@@ -158,35 +206,62 @@ class GlauberSchedule:
         )
 
     def check_steps(self, t: Tensor, allow_end: bool = False) -> None:
-        """Raise ``ValueError`` unless ``t`` holds integer steps in ``[0, T)`` (``[0, T]`` with allow_end)."""
+        """Raise ``ValueError`` unless ``t`` holds integer steps in ``[0, T)`` (``[0, T]`` with allow_end).
+
+        Reads ``t``'s extremes on the host (one synchronisation on an accelerator): the lookups call
+        it only outside ``trusted_inputs()``."""
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"steps t must be integer tensors (got {t.dtype})")
         top = self.num_steps + int(allow_end)
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
-            raise ValueError(f"steps t must lie in [0, {top}) with T={self.num_steps} (got {int(t.min())}..{int(t.max())})")
+        if t.numel():
+            lo, hi = torch.stack(torch.aminmax(t)).tolist()
+            if lo < 0 or hi >= top:
+                raise ValueError(f"steps t must lie in [0, {top}) with T={self.num_steps} (got {lo}..{hi})")
+
+    def table_on(self, name: str, device: torch.device) -> Tensor:
+        """The table ``name`` (``positions``, ``sorted_positions``, ``step_pi_phi``, ``sorted_pi_phi``,
+        ``visit_step``, ...) on ``device``: copied there once, then cached (a copy per call would be a
+        host-to-device transfer, synchronising, at every step)."""
+        key = (name, device)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = self._device_tables[key] = getattr(self, name).to(device)
+        return table
 
     def signal_level(self, t: Tensor) -> Tensor:
         """``alpha_i(t)`` for every position: the chance that ``X_t^i`` is still its clean token
         (else a draw from the noise law). ``t``: integer tensor ``[B]`` -> float64 ``[B, L]``."""
-        self.check_steps(t, allow_end=True)
-        vs = self.visit_step.to(t.device)
+        if checks_enabled():
+            self.check_steps(t, allow_end=True)
+        vs = self.table_on("visit_step", t.device)
         completed = (vs[None, :, :] < t[:, None, None]).sum(dim=1)  # (B, L)
-        table = self._level_table.to(t.device)
-        return table.gather(0, completed)
+        return self.table_on("_level_table", t.device).gather(0, completed)
 
     def step_positions(self, t: Tensor) -> Tensor:
         """``S_t`` for each entry of ``t [B]`` -> long ``[B, m]``."""
-        self.check_steps(t)
-        return self.positions.to(t.device)[t]
+        if checks_enabled():
+            self.check_steps(t)
+        return self.table_on("positions", t.device)[t]
 
     def pi_phi(self, t: Tensor) -> Tensor:
         """``Pi_t(phi)`` of each position of ``S_t`` -> float64 ``[B, m]``."""
-        self.check_steps(t)
-        return self.step_pi_phi.to(t.device)[t]
+        if checks_enabled():
+            self.check_steps(t)
+        return self.table_on("step_pi_phi", t.device)[t]
+
+    def hidden_set(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``S_t`` in increasing order, long ``[B, m]``, and ``Pi_t(phi)`` there, float64 ``[B, m]``:
+        the row-major order of ``hidden_mask(t)``, so row ``b * m + j`` of a network output at these
+        positions belongs to ``(b, sorted_positions[t_b, j])``."""
+        if checks_enabled():
+            self.check_steps(t)
+        return self.table_on("sorted_positions", t.device)[t], self.table_on("sorted_pi_phi", t.device)[t]
 
     def hidden_mask(self, t: Tensor) -> Tensor:
         """Boolean ``[B, L]`` mask of ``S_t``."""
-        pos = self.step_positions(t)
+        if checks_enabled():
+            self.check_steps(t)
+        pos = self.table_on("positions", t.device)[t]
         mask = torch.zeros(t.shape[0], self.seq_len, dtype=torch.bool, device=t.device)
         return mask.scatter_(1, pos, True)
 

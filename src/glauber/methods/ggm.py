@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -12,9 +13,9 @@ from torch import Tensor
 from glauber.loss import cross_entropy_loss, ggm_loss, uses_normalized_classifier
 from glauber.methods.base import DiffusionModule
 from glauber.noise import NoiseLaw
-from glauber.process import make_training_example, step_probs
+from glauber.process import check_batch, make_training_example, step_probs
 from glauber.sampler import Denoiser, check_count, glauber_sample, infill
-from glauber.schedule import GlauberSchedule
+from glauber.schedule import GlauberSchedule, trusted_inputs
 
 
 class GGMModule(DiffusionModule):
@@ -65,21 +66,26 @@ class GGMModule(DiffusionModule):
         return self._t_probs[m, device]
 
     def law_on(self, device: torch.device) -> NoiseLaw:
-        """The noise law on ``device``, moved (and validated) once rather than at every step."""
+        """The noise law on ``device``: checked once when built, moved once (``NoiseLaw.to`` caches),
+        then the same object at every step."""
         if device not in self._laws:
             self._laws[device] = self.law.to(device)
         return self._laws[device]
 
     def denoiser(self, schedule: GlauberSchedule, clean_mask: Tensor | None = None) -> Denoiser:
-        """Adapt the network to the sampler's ``f(x_in, hidden_mask, t) -> h``. Positions in
-        ``clean_mask`` (infilling) are shown to the network as fully clean (signal level 1)."""
+        """Adapt the network to the sampler's ``f(x_in, hidden, t) -> h``: ``hidden`` is a boolean mask
+        ``[B, L]`` or, as the sampler passes it (``takes_positions``), the sorted positions ``[B, m]``,
+        which cost no host-device synchronisation to gather. Positions in ``clean_mask`` (infilling)
+        are shown to the network as fully clean (signal level 1)."""
+        clean = None if clean_mask is None else clean_mask.to(self.device)  # moved once, not per call
 
         def f(x_in: Tensor, hidden: Tensor, t: Tensor) -> Tensor:
             alpha = self.signal_levels(schedule, t)
-            if alpha is not None and clean_mask is not None:
-                alpha = alpha.masked_fill(clean_mask.to(alpha.device).expand_as(alpha), 1.0)
+            if alpha is not None and clean is not None:
+                alpha = alpha.masked_fill(clean.expand_as(alpha), 1.0)
             return self.model(x_in, hidden, (t.float() + 1) / schedule.num_steps, alpha)
 
+        f.takes_positions = True  # type: ignore[attr-defined]
         return f
 
     def signal_levels(self, schedule: GlauberSchedule, t: Tensor) -> Tensor | None:
@@ -87,23 +93,38 @@ class GGMModule(DiffusionModule):
         return schedule.signal_level(t).float() if self.model.alpha_embed is not None else None
 
     def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean GGM loss of a batch at random steps, and per-row extras.
+
+        No host-device synchronisation in training (after the first call): the batches come from the
+        DataModule's token cache, checked when it was built, and the first batch is checked here
+        once more; everything else runs inside ``trusted_inputs()``. The hidden-set size ``m`` of a
+        training batch (one of ``process.train_positions_per_step``) is drawn on the host from the
+        generator's seed, which ``step_generator`` derives from the batch counter: the same ``m`` for
+        the same batch on a resumed run, and no device value read back. (A caller reusing one
+        generator for several batches therefore gets one ``m``: seed a generator per batch.)"""
+        if not getattr(self, "_batch_checked", False):  # once, where data enters this module
+            check_batch(batch, self.schedule(), self.law, "batch")
+            self._batch_checked = True
         if self.training:
-            m_idx = int(torch.randint(len(self.train_ms), (1,), generator=generator, device=generator.device))
-            sched = self.schedule(self.train_ms[m_idx])
+            m = self.train_ms[0]
+            if len(self.train_ms) > 1:
+                m = random.Random(f"train_m/{generator.initial_seed()}").choice(self.train_ms)
+            sched = self.schedule(m)
             t_probs = self.train_step_probs(sched.m, batch.device)
         else:  # validation measures the conditionals the sampler uses: the schedule's m, uniform t
             sched, t_probs = self.schedule(), None
         law = self.law_on(batch.device)
-        ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator, t_probs=t_probs)
-        h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
         p = self.cfg.process
         normalized = uses_normalized_classifier(p.loss, p.normalized_classifier)
-        per = ggm_loss(p.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator, normalized)
-        per_row = per.view(batch.shape[0], -1).mean(1)
-        extra = {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
-        if not self.training:  # comparable across losses: -log p_t(X_t^i | context) of the implied conditional
-            nll = cross_entropy_loss(h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law)
-            extra["nll_per_row"] = nll.view(batch.shape[0], -1).mean(1)
+        with trusted_inputs():
+            ex = make_training_example(batch, sched, law, hidden_id=self.vocab_size, generator=generator, t_probs=t_probs)
+            h = self.model(ex.x_in, ex.positions, (ex.t.float() + 1) / sched.num_steps, self.signal_levels(sched, ex.t))
+            per = ggm_loss(p.loss, h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law, generator, normalized)
+            per_row = per.view(batch.shape[0], -1).mean(1)
+            extra = {"per_row": per_row, "time": ex.t.float() / sched.num_steps}
+            if not self.training:  # comparable across losses: -log p_t(X_t^i | context) of the implied conditional
+                nll = cross_entropy_loss(h, ex.targets.reshape(-1), ex.pi_phi.reshape(-1), law)
+                extra["nll_per_row"] = nll.view(batch.shape[0], -1).mean(1)
         return per_row.mean(), extra
 
     @torch.no_grad()
