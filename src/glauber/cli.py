@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
+import tempfile
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 
 EPILOG = """examples:
   glauber train experiments/shakespeare.yaml train.max_steps=500 train.run_dir=runs/try
@@ -39,19 +43,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "and/or --suffix the given text is clamped and the positions between are infilled.",
     )
     p.add_argument("checkpoint", help="a .ckpt written by glauber train")
-    p.add_argument("--num", type=int, default=4, help="number of samples (default 4)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples drawn at once (default 16)")
+    p.add_argument("--num", type=_int_at_least(1), default=4, help="number of samples (default 4)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="samples drawn at once (default 16)")
     p.add_argument(
         "--m",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="positions redrawn per network call (default: the config's); network calls = (sweeps + corrector sweeps) * L / m",
     )
     add_sweep_options(p)
     p.add_argument("--prefix", default=None, help="text clamped at the start (infilling)")
     p.add_argument("--suffix", default=None, help="text clamped at the end (infilling)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of each draw, > 0 (default 1)")
+    p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
     p.add_argument("--float32", action="store_true", help="final categorical draw in float32 instead of float64")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -91,6 +95,80 @@ def _int_at_least(minimum: int):
         return value
 
     return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (``--temperature``; 0 would divide the logits by zero)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text!r})") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
+    return value
+
+
+def probability_mass(text: str) -> float:
+    """An argparse type: a number in (0, 1] (``--top-p``; 1 = no nucleus truncation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (got {text!r})") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], 1 = off (got {text})")
+    return value
+
+
+def check_positions_per_step(m: int | None, module: object, option: str = "--m") -> None:
+    """``m`` (positions redrawn per GGM network call) must divide the checkpoint's length ``L``; other
+    methods ignore it. Checked right after the checkpoint is loaded, before any sampling."""
+    if m is None or getattr(getattr(module, "cfg", None), "method", None) not in ("ggm",):
+        return
+    L = module.cfg.data.seq_len  # type: ignore[attr-defined]
+    if L % m:
+        divisors = [d for d in range(1, L + 1) if L % d == 0]
+        raise ValueError(f"{option} {m} does not divide the checkpoint's sequence length L={L}: use one of {divisors}")
+
+
+def check_output_file(path: str | Path | None, option: str = "--out") -> None:
+    """Fail now, naming ``option``, if a file cannot be written at ``path`` (a file in the way of its folder,
+    a folder at the path itself, no permission, a read-only or pseudo file system), instead of after the
+    minutes of loading and sampling that come before the write. Creates the missing parent folders (the
+    write would) and, when the file does not exist yet, a probe file that is removed again."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} {p} is a folder: give a file path, e.g. {p / 'out.txt'}")
+    _check_creatable_dir(p.parent, option, f"{option} {p}")
+    try:
+        if p.exists():
+            with open(p, "a"):
+                pass
+        else:
+            with open(p, "x"):
+                pass
+            p.unlink()
+    except OSError as e:
+        raise ValueError(f"{option} {p} cannot be written ({e.strerror or e}): choose another path") from None
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Fail now, naming ``option``, if ``path`` cannot be made a writable folder (creates it)."""
+    _check_creatable_dir(Path(path), option, f"{option}={path}")
+
+
+def _check_creatable_dir(d: Path, option: str, what: str) -> None:
+    d = Path(d) if str(d) else Path(".")
+    blocker = next((a for a in (d, *d.parents) if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{what}: {blocker} is a file, not a folder (a file in the way): move it or choose another {option}")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write in {d} ({e.strerror or e}): choose another {option}") from None
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -180,8 +258,21 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``glauber`` command; returns the exit status (0 ok, 2 a user mistake).
+
+    A user mistake gives one line on stderr, ``glauber COMMAND: error: MESSAGE``, and status 2, never a
+    traceback: bad options (argparse's usage message; its ``SystemExit`` is turned into the return
+    value), and the exceptions a bad input or environment raises: ``ValueError`` (the project's own
+    refusals name the option or key and the fix), ``OSError`` with its subclasses (``FileNotFoundError``,
+    ``PermissionError``, ``IsADirectoryError``, a full disk ``ENOSPC`` ...). Any other exception is taken
+    for a bug and propagates with its traceback. ``GLAUBER_DEBUG=1`` in the environment lets the user
+    mistakes propagate too (their full traceback, for debugging). ``SystemExit`` from a command (a
+    training stopped by a signal: 128 + its number) passes through unchanged."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its usage message (or --help)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if args.command is None:
         parser.print_help()
         return 0
@@ -193,21 +284,35 @@ def main(argv: list[str] | None = None) -> int:
             from glauber.config import load_config
             from glauber.train import train
 
-            run_dir = train(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            check_output_dir(cfg.train.run_dir, "train.run_dir")
+            run_dir = train(cfg)
             print(f"run directory: {run_dir}")
         elif args.command == "demo":
             from glauber.demo import run_demo
 
+            check_output_dir(args.out, "--out")
             run_demo(args.config, args.out, args.overrides)
         elif args.command == "config-help":
             print(config_help(args.modality))
         else:
             module, function = COMMANDS[args.command]
             getattr(importlib.import_module(module), function)(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"glauber {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        if os.environ.get("GLAUBER_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"glauber {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _message(e: BaseException) -> str:
+    """One line for the user: the exception's text (an ``OSError`` also names its file)."""
+    if isinstance(e, OSError) and e.strerror and not (e.args and len(e.args) == 1):
+        if e.filename is None:
+            return e.strerror
+        return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -186,7 +186,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found; the shipped ones are in experiments/*.yaml")
-        raw = OmegaConf.load(p)
+        import yaml  # OmegaConf's parser (PyYAML)
+
+        try:
+            raw = OmegaConf.load(p)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+            what = f"{problem}" + (f" ({context})" if context else "") if problem else " ".join(str(e).split())
+            raise ValueError(f"config file {p}{where}: YAML syntax error: {what}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start}): is it a YAML file?") from None
         if not isinstance(raw, DictConfig) or not raw:
             raise ValueError(
                 f"config file {p} is empty or not a mapping of sections (model:, train: ...): running it would "

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from glauber.cli import add_sweep_options
+from glauber.cli import (
+    _int_at_least,
+    add_sweep_options,
+    check_output_file,
+    check_positions_per_step,
+    positive_float,
+    probability_mass,
+)
 from glauber.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
 from glauber.judges import evaluate_texts, load_judge
 
@@ -26,22 +33,26 @@ def add_eval_ppl_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a .ckpt written by glauber train")
     p.add_argument("--judge", default="gpt2-large", help="HF hub name or local directory of a causal LM (default gpt2-large)")
     p.add_argument("--judge-gguf", default=None, help="a GGUF file inside --judge to load through transformers")
-    p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples drawn at once (default 16)")
-    p.add_argument("--m", type=int, default=None, help="GGM: positions per network call (default: the config's)")
+    p.add_argument("--num-samples", type=_int_at_least(1), default=64, help="number of samples (default 64)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="samples drawn at once (default 16)")
+    p.add_argument("--m", type=_int_at_least(1), default=None, help="GGM: positions per network call (default: the config's)")
     add_sweep_options(p)
-    p.add_argument("--steps", type=int, default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1 = off)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, > 0 (default 1)")
+    p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=None, help="write the JSON report (and the samples beside it) here")
 
 
 def eval_ppl_command(args: argparse.Namespace) -> dict:
+    check_output_file(args.out, "--out")  # before the minutes of loading and sampling
+    if args.out:
+        check_output_file(Path(args.out).with_suffix(".samples.txt"), "--out (its samples file)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_checkpoint(args.checkpoint, device)  # before the (large) judge: a bad checkpoint fails fast
+    check_positions_per_step(args.m, module, "--m")
     judge = load_judge(args.judge, device, args.judge_gguf)
-    module = load_checkpoint(args.checkpoint, device)
     tok = checkpoint_tokenizer(module)
     given = {"positions_per_step": args.m, "steps": args.steps, "sweeps": args.sweeps}  # each method takes its own
     options = {k: v for k, v in given.items() if v is not None} | {

@@ -485,6 +485,8 @@ def make_reference_stats(
 
 # -- command line ---------------------------------------------------------------------------------------
 def add_eval_fid_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from glauber.cli import _int_at_least
+
     p = sub.add_parser(
         "eval-fid",
         help="FID of generated images against reference images or statistics (clean-fid protocol)",
@@ -493,11 +495,13 @@ def add_eval_fid_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--generated", default=None, help="generated images: a folder, .zip, or .npz with 'images' uint8 [N,H,W,3]")
     p.add_argument("--checkpoint", default=None, help="or sample the generated images from this image-model checkpoint")
-    p.add_argument("--num-samples", type=int, default=1000, help="with --checkpoint: images to sample (default 1000)")
-    p.add_argument("--m", type=int, default=None, help="with --checkpoint (GGM): positions per network call")
-    p.add_argument("--steps", type=int, default=None, help="with --checkpoint (MDLM): denoising steps")
+    p.add_argument(
+        "--num-samples", type=_int_at_least(2), default=1000, help="with --checkpoint: images to sample (default 1000)"
+    )
+    p.add_argument("--m", type=_int_at_least(1), default=None, help="with --checkpoint (GGM): positions per network call")
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="with --checkpoint (MDLM): denoising steps")
     p.add_argument("--seed", type=int, default=0, help="with --checkpoint: sampling seed (default 0)")
-    p.add_argument("--sample-batch-size", type=int, default=250, help="with --checkpoint: images drawn at once")
+    p.add_argument("--sample-batch-size", type=_int_at_least(1), default=250, help="with --checkpoint: images drawn at once")
     p.add_argument(
         "--reference",
         default=None,
@@ -510,15 +514,47 @@ def add_eval_fid_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--mode", default="clean", choices=MODES, help="clean-fid mode (default clean)")
     p.add_argument("--inception-weights", default=None, metavar="PATH", help=f"a local copy of clean-fid's {NVIDIA_FILE}")
-    p.add_argument("--image-size", type=int, default=None, help="centre-crop and resize images to this size first (as training)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception call (default 64)")
+    p.add_argument(
+        "--image-size", type=_int_at_least(1), default=None, help="centre-crop and resize images to this size first (as training)"
+    )
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per Inception call (default 64)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading and resizing (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=None, help="the JSON report (or, with --make-stats, the statistics .npz)")
     return p
 
 
+IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp", ".npy"}  # clean-fid's
+
+
+def check_image_folder(ref: Any, option: str) -> None:
+    """Refuse, naming ``option`` and the folder, an image folder holding fewer than the 2 images FID needs
+    (empty, or only other files), before any network is loaded or image read; other sources (.zip, .npz,
+    ``hf:``, clean-fid statistics names, arrays) are checked where they are read."""
+    if not isinstance(ref, (str, Path)):
+        return
+    path = _local_path(str(ref))
+    if path is None or not path.is_dir():
+        return
+    images = []
+    for f in path.rglob("*"):
+        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+            images.append(f)
+            if len(images) == 2:
+                return
+    what = "is empty" if not any(path.iterdir()) else f"holds {len(images) or 'no'} image file{'' if len(images) == 1 else 's'}"
+    raise ValueError(
+        f"{option} {ref}: the folder {what} (FID needs at least 2 images; read: "
+        f"{', '.join(sorted(IMAGE_SUFFIXES))}, in subfolders too): point {option} at the images"
+    )
+
+
 def eval_fid_command(args: argparse.Namespace) -> dict[str, Any]:
+    from glauber.cli import check_output_file
+
+    for ref, option in ((args.generated, "--generated"), (args.reference, "--reference"), (args.make_stats, "--make-stats")):
+        check_image_folder(ref, option)
+    check_output_file(args.out, "--out")
     common = {
         "route": args.route,
         "mode": args.mode,
@@ -560,6 +596,12 @@ def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[s
     module = load_checkpoint(args.checkpoint, device)
     if module.cfg.get("modality", "text") != "image":
         raise ValueError(f"{args.checkpoint} is a text model: eval-fid needs an image checkpoint (or --generated)")
+    from glauber.cli import check_positions_per_step
+
+    check_positions_per_step(args.m, module, "--m")
+    if not args.reference:  # the run's default reference, checked before the minutes of sampling
+        default = module.cfg.image.fid_reference or module.cfg.data.source
+        check_image_folder(default, "--reference (default: the run's image.fid_reference or data.source)")
     imgs = CheckpointImages(module)
     given = {"positions_per_step": args.m, "steps": args.steps}
     options = {k: v for k, v in given.items() if v is not None} | {"float64": True}

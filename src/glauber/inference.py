@@ -19,14 +19,32 @@ def format_samples(texts: list[str]) -> str:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DiffusionModule:
-    """The LightningModule of a ``glauber train`` checkpoint, in eval mode, EMA weights loaded by default."""
+    """The LightningModule of a ``glauber train`` checkpoint, in eval mode, EMA weights loaded by default.
+
+    A missing file raises ``FileNotFoundError``; an empty, truncated or corrupt file, or one that is not a
+    ``glauber train`` checkpoint (another program's pickle, a text file, a bare state dict), raises one
+    ``ValueError`` naming the file and the reader's reason instead of torch's unpickling traceback."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder: give a .ckpt file, e.g. {path / 'checkpoints' / 'last.ckpt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (runs keep them in <run_dir>/checkpoints/)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    g = state.get("glauber")
-    if g is None:
-        raise ValueError(f"{path} is not a glauber checkpoint")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): a write that never finished? use another checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # the readers raise RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"checkpoint {path} cannot be read: it is truncated, corrupt or not a torch checkpoint "
+            f"({type(e).__name__}: {reason}); use another checkpoint (e.g. a checkpoints/step*.ckpt)"
+        ) from None
+    g = state.get("glauber") if isinstance(state, dict) else None
+    if not isinstance(g, dict) or not all(k in g for k in ("config", "vocab_size", "extra")) or "state_dict" not in state:
+        raise ValueError(
+            f"{path} is not a glauber checkpoint (it loads, but lacks the 'glauber' record that `glauber train` writes): "
+            "give a <run_dir>/checkpoints/*.ckpt"
+        )
     cfg = g["config"]
     cfg["train"]["compile"] = False
     module = method_class(cfg["method"])(cfg)
@@ -90,8 +108,18 @@ def generate(
 
 
 def sample_command(args: argparse.Namespace) -> None:
+    from glauber.cli import check_output_file, check_positions_per_step
+
+    check_output_file(args.out, "--out")  # before the minutes of loading and sampling
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    if args.suffix and module.cfg.method == "ar":
+        raise ValueError(
+            f"--suffix: {args.checkpoint} is an autoregressive (AR) model, which draws left to right and can only "
+            "condition on a prefix (--prefix): the suffix would be pasted after tokens that never saw it. Infill "
+            "with a GGM or MDLM checkpoint, or drop --suffix"
+        )
+    check_positions_per_step(args.m, module, "--m")
     tok = checkpoint_tokenizer(module)
     options = {
         "positions_per_step": args.m,
