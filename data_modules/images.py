@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.cachelock import build_lock
 from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
 from data_modules.text import _hf_cached, _hf_offline, _say, read_meta, ready_meta, source_slug
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
@@ -635,6 +636,8 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
         if tokenizer is None and not cfg.tokenizer:
             raise ValueError("data.tokenizer is empty: set it to a VQ checkpoint (a taming .ckpt or a glauber vq.ckpt)")
         self.cfg = cfg
+        # Global rank 0 alone builds the cache (as in text): one builder per shared cache.
+        self.prepare_data_per_node = False
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.max_train_samples = max_train_samples
@@ -747,7 +750,7 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
         return open_source(c.source, c.image_size, c.center_crop, c.hf_offline_timeout_s)
 
     def prepare_data(self) -> None:
-        """Build the token cache unless a complete, matching one exists (one process per node runs this)."""
+        """Build the token cache unless a complete, matching one exists (global rank 0 runs this, holding the build lock)."""
         cache = self.cache_path
         meta = read_meta(cache)
         try:
@@ -764,8 +767,21 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
             return
         if meta is not None:
             check_tokenizer(cache, meta, self.cfg, sha)  # another tokenizer's cache is refused, not overwritten
-            _say(f"rebuilding {cache}: {reason}")
-        build_cache(self.cfg, cache, src, self.tokenizer_model(), self.tokenizer_info())
+        with build_lock(cache):  # another process may be building it: wait, then look again
+            meta = read_meta(cache)
+            reason = stale_reason(cache, meta, self.cfg, src.signature() if src is not None else None)
+            if reason is None:
+                _say(f"{cache} was built by another process meanwhile: using it")
+                check_meta(cache, meta, self.cfg, sha)
+                return
+            if meta is not None:
+                check_tokenizer(cache, meta, self.cfg, sha)
+                _say(f"rebuilding {cache}: {reason}")
+            build_cache(self.cfg, cache, src, self.tokenizer_model(), self.tokenizer_info())
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What the token ids mean (stored in checkpoints; a resume on other data is refused)."""
+        return {"tokenizer": self.tokenizer_sha256(), "vocab_size": self.vocab_size, "grid": list(self.grid_shape)}
 
     def check_available(self) -> None:
         """Fail within seconds, before any training machinery starts, when the data cannot be had:

@@ -153,9 +153,44 @@ class ShardedLoaders:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_train_samples": self._consumed, "world_size": rank_world(self.trainer)[1]}
+        state = {"consumed_train_samples": self._consumed, "world_size": rank_world(self.trainer)[1]}
+        if hasattr(self, "data_fingerprint"):
+            state["data"] = self.data_fingerprint()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the train stream; with another world size, at the same global position."""
+        """Resume the train stream; with another world size, at the same global position. A checkpoint
+        whose token ids mean something else (another tokenizer or character vocabulary) is refused."""
+        saved = state_dict.get("data")
+        if saved is not None and hasattr(self, "data_fingerprint"):
+            current = self.data_fingerprint()
+            if saved != current:
+                raise ValueError(data_mismatch_message(saved, current, getattr(self.cfg, "source", "?")))
         world = rank_world(self.trainer)[1]
         self.set_consumed(state_dict["consumed_train_samples"] * state_dict.get("world_size", world) // world)
+
+
+def data_mismatch_message(saved: dict[str, Any], current: dict[str, Any], source: str) -> str:
+    """Why a checkpoint's data does not fit the current data, and what to do."""
+    what = []
+    if "chars" in saved and "chars" in current:
+        lost = sorted(set(saved["chars"]) - set(current["chars"]))
+        new = sorted(set(current["chars"]) - set(saved["chars"]))
+        what.append(
+            f"its character vocabulary ({len(saved['chars'])} characters) is not this corpus's "
+            f"({len(current['chars'])} characters"
+            + (f"; only in the checkpoint: {''.join(lost)!r}" if lost else "")
+            + (f"; only in this corpus: {''.join(new)!r}" if new else "")
+            + ("; same characters, other order" if not lost and not new else "")
+            + ")"
+        )
+    for key in sorted(set(saved) | set(current)):
+        if key != "chars" and saved.get(key) != current.get(key):
+            a, b = saved.get(key), current.get(key)
+            a, b = (a[:12], b[:12]) if isinstance(a, str) and isinstance(b, str) and len(a) > 16 else (a, b)
+            what.append(f"{key} {a!r} -> {b!r}")
+    return (
+        f"the checkpoint was trained on other data than data.source={source!r} gives: {'; '.join(what)}. Its token "
+        "ids would silently mean other tokens. Resume on the original corpus (and tokenizer), or start a new run "
+        "(train.resume=never keeps the old one in previous/, or use a new train.run_dir)"
+    )

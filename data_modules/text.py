@@ -10,9 +10,18 @@ document. Documents are tokenised once into ``<cache_dir>/<slug>-<key>/``::
     meta.json            source, split, tokenizer (spec, fingerprint, state), vocab size, dtype, counts
 
 ``<key>`` is the tokenizer fingerprint's first 12 hex digits (``char`` for the character tokenizer,
-whose vocabulary is read from the corpus and stored in meta.json). meta.json is written last, so a
-build that was interrupted has none and is redone. Sequences are cut at read time, so one cache
-serves every ``seq_len`` and ``wrap``:
+whose vocabulary is read from the corpus and stored in meta.json), followed for a local corpus by
+``-<digest>``, the first 12 hex digits of a sha256 over the content of its files (and of local
+``val_source`` files): an edited corpus, even of the same size, gets a new cache, and the old one stays
+for runs still reading it (meta.json records each file's name, size and sha256). meta.json is written
+last, so a build that was interrupted has none and is redone; builds hold ``<cache>.lock``
+(``data_modules.cachelock``), so two processes never build one cache at once. A ``.txt`` file is read
+and tokenised ``TXT_CHUNK_BYTES`` at a time, cut only where GPT-2's pre-tokenizer cannot merge across
+(``_safe_cut``), so the ids equal a one-shot tokenisation and memory does not grow with the file. An
+unreadable file (binary, not UTF-8, a broken JSON line) is refused naming the file and line. The
+DataModule's checkpoint state holds ``data_fingerprint()`` (tokenizer fingerprint, vocabulary size, the
+characters of a char vocabulary); resuming on data whose ids mean other tokens is refused. Sequences are
+cut at read time, so one cache serves every ``seq_len`` and ``wrap``:
 
     wrap=bos_eos: sequence k = [BOS] + stream[k(L-2) : (k+1)(L-2)] + [EOS]  (MDLM/DUO OpenWebText)
     wrap=none:    sequence k = stream[kL : (k+1)L]                          (character-level data)
@@ -49,6 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data_modules.cachelock import build_lock
 from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
 from data_modules.tokenizers import (
     CharTokenizer,
@@ -59,7 +69,8 @@ from data_modules.tokenizers import (
     tokenizer_from_state,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files recorded with their sha256, the cache key holds the corpus digest
+TXT_CHUNK_BYTES = 1 << 20  # .txt files are tokenised this many bytes at a time (memory does not grow with the file)
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WRAPS = ("bos_eos", "none")
@@ -132,9 +143,31 @@ def local_files(source: str) -> list[Path]:
     )
 
 
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (remembered per path, size and mtime in this process)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _SHA256_MEMO[key] = h.hexdigest()
+    return _SHA256_MEMO[key]
+
+
 def files_signature(files: list[Path]) -> list[list[Any]]:
-    """Names and sizes of the corpus files: a changed corpus invalidates its cache."""
-    return [[f.name, f.stat().st_size] for f in files]
+    """Names, sizes and content sha256 of the corpus files: an edited corpus invalidates its cache."""
+    return [[f.name, f.stat().st_size, file_sha256(f)] for f in files]
+
+
+def corpus_digest(files: list[Path], val_files: list[Path] | None = None) -> str:
+    """A hash of the content of the corpus (and validation) files: part of a local corpus's cache key."""
+    sig = {"train": [s[2] for s in files_signature(files)], "val": [s[2] for s in files_signature(val_files or [])]}
+    return hashlib.sha256(json.dumps(sig).encode()).hexdigest()
 
 
 def _hf_cached(name: str) -> bool:
@@ -187,23 +220,206 @@ def load_hub(name: str, timeout_s: float, cache: Path) -> Any:
         raise HubUnreachableError(_offline_message(name, cache) + f" (offline load from the HF cache failed: {e})") from e
 
 
+class BadCorpusError(ValueError):
+    """A corpus file that cannot be read as text: the message names the file, where, and what to do."""
+
+
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, line0: int, offset0: int) -> BadCorpusError:
+    line = line0 + data[: err.start].count(b"\n") + 1
+    bad = data[err.start : err.start + 1].hex()
+    return BadCorpusError(
+        f"corpus file {path} is not UTF-8 text: byte 0x{bad} at line {line} (byte offset {offset0 + err.start}) is "
+        f"not valid UTF-8 (a latin-1 or other legacy encoding?). Convert it, e.g. "
+        f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`, and point data.source at the result"
+    )
+
+
+def _binary(path: Path, offset: int) -> BadCorpusError:
+    return BadCorpusError(
+        f"corpus file {path} looks binary, not text (a NUL byte at byte offset {offset}): point data.source at "
+        "UTF-8 text (.txt), JSON lines (.jsonl) or parquet files"
+    )
+
+
+def _decode(path: Path, data: bytes, line0: int, offset0: int) -> str:
+    """``data`` (bytes of ``path`` from ``offset0``, after ``line0`` lines) as text, or a clear error."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise _binary(path, offset0 + nul)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data, e, line0, offset0) from None
+
+
+def diagnose_json_files(files: list[Path], field: str | None = None) -> None:
+    """Raise ``BadCorpusError`` naming the first unreadable file and line of JSON-lines corpus files
+    (binary, not UTF-8, broken JSON, not an object), or the empty corpus; return when none is found."""
+    rows = 0
+    for path in files:
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+                rows += 1
+                continue  # a single JSON document (an array of rows): fine
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                pass  # maybe JSON lines: look line by line
+        offset = 0
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                text = _decode(path, raw, n - 1, offset)
+                offset += len(raw)
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise BadCorpusError(
+                        f"line {n} of {path} is not valid JSON ({e.msg} at column {e.colno}): fix or delete that line "
+                        f"(each line of a .jsonl file is one JSON object, e.g. {{\"{field or 'text'}\": \"...\"}})"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise BadCorpusError(
+                        f"line {n} of {path} is a JSON {type(row).__name__}, not an object: each line must be one object "
+                        f"like {{\"{field or 'text'}\": \"...\"}}"
+                    )
+                rows += 1
+    if rows == 0:
+        names = ", ".join(str(f) for f in files[:5])
+        raise BadCorpusError(f"the corpus is empty: {names} hold no JSON rows; point data.source at non-empty files")
+
+
 def load_local(files: list[Path], workdir: Path) -> Any:
-    """A ``Dataset`` of documents from local files (its arrow copy lives in ``workdir``, deleted after the build)."""
+    """A ``Dataset`` of documents from local .jsonl/.json/.parquet files (its arrow copy lives in ``workdir``,
+    deleted after the build). An unreadable file gives one message naming it (and the line), not a traceback."""
     from datasets import load_dataset
 
     builder = BUILDERS[files[0].suffix]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=str(workdir / "hf"), **kwargs)
+    try:
+        return load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=str(workdir / "hf"), **kwargs)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; find the culprit ourselves
+        error = e
+    if builder == "json":  # outside the except block: the message stands alone, without datasets' traceback
+        diagnose_json_files(files)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    names = ", ".join(str(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    raise BadCorpusError(f"cannot read the {builder} corpus files {names}: {type(error).__name__}: {first}")
 
 
-def text_column(ds: Any, field: str, source: str) -> str:
+def _safe_cut(buf: bytes, lo: int = 0) -> int:
+    """The last position where ``buf`` may be split so that GPT-2's pre-tokenizer (hence BPE) sees the same
+    pieces on both sides as in the whole text: just before a newline that is followed by a printable ASCII
+    character (before its ``\\r`` for ``\\r\\n``), at or after ``lo``; 0 when there is none."""
+    q = len(buf) - 1
+    while True:
+        q = buf.rfind(b"\n", max(lo, 0), q)
+        if q <= 0:
+            return 0
+        if 0x21 <= buf[q + 1] <= 0x7E:
+            cut = q - 1 if buf[q - 1] == 0x0D else q
+            if cut > 0:
+                return cut
+
+
+class TextFiles:
+    """Local ``.txt`` files, each one document, read and tokenised ``chunk_bytes`` at a time.
+
+    Chunks end where no BPE merge or pre-token can cross (``_safe_cut``), so the token stream equals the
+    one-shot tokenisation of each whole file, with memory bounded by the chunk (a file without such a
+    place, e.g. one long line, is read whole). Newlines are translated as Python's text mode does
+    (``\\r\\n`` and ``\\r`` become ``\\n``), as the ``datasets`` text loader did before.
+    """
+
+    def __init__(self, files: list[Path], chunk_bytes: int = TXT_CHUNK_BYTES):
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1 (got {chunk_bytes})")
+        self.files, self.chunk_bytes = files, chunk_bytes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def chunks(self, path: Path) -> Iterator[str]:
+        """The text of ``path``, in pieces of about ``chunk_bytes`` bytes."""
+        buf, offset, lines = b"", 0, 0
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(self.chunk_bytes)
+                nul = data.find(b"\0")
+                if nul >= 0:  # before gathering more of a file without newlines
+                    raise _binary(path, offset + len(buf) + nul)
+                seen, buf = len(buf), buf + data
+                cut = _safe_cut(buf, seen - 2) if data else len(buf)  # the bytes before had no safe place
+                if cut == 0 and data:
+                    continue  # no safe place yet: read on
+                piece, buf = buf[:cut], buf[cut:]
+                text = _decode(path, piece, lines, offset)
+                offset, lines = offset + len(piece), lines + piece.count(b"\n")
+                if text:
+                    yield text.replace("\r\n", "\n").replace("\r", "\n")
+                if not data:
+                    return
+
+    def texts(self) -> Iterator[str]:
+        for path in self.files:
+            yield from self.chunks(path)
+
+    def token_blocks(self, tokenizer: TextTokenizer) -> Iterator[np.ndarray]:
+        """Token ids of each file, EOS after each non-empty one (when the tokenizer has EOS)."""
+        dtype = token_dtype(tokenizer.vocab_size)
+        for path in self.files:
+            any_text = False
+            for text in self.chunks(path):
+                any_text = True
+                yield np.asarray(tokenizer.encode(text), dtype=dtype)
+            if any_text and tokenizer.eos_id is not None:
+                yield np.asarray([tokenizer.eos_id], dtype=dtype)
+
+
+class DatasetDocs:
+    """The documents of a ``datasets.Dataset`` (one per row of column ``field``), tokenised with ``datasets.map``."""
+
+    def __init__(self, ds: Any, field: str, num_proc: int, work: Path, tag: str, files: list[Path] | None = None):
+        self.ds, self.field, self.num_proc, self.work, self.tag = ds, field, num_proc, work, tag
+        self.files = files  # local files the rows come from (named when one turns out unreadable)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def texts(self) -> Iterator[str]:
+        yield from self._guarded(text or "" for batch in self.ds.iter(batch_size=1024) for text in batch[self.field])
+
+    def token_blocks(self, tokenizer: TextTokenizer) -> Iterator[np.ndarray]:
+        yield from self._guarded(iter_tokens(tokenise(self.ds, tokenizer, self.field, self.num_proc, self.work, self.tag)))
+
+    def _guarded(self, it: Iterator[Any]) -> Iterator[Any]:
+        """``it``, with a decoding failure of a local file (``datasets`` reads latin-1 JSON lines without
+        complaint, then fails on the text) turned into one message naming the file and line."""
+        try:
+            yield from it
+            return
+        except UnicodeDecodeError as e:
+            if self.files is None:
+                raise
+            error = e
+        if BUILDERS[self.files[0].suffix] == "json":  # outside the except block: no chained traceback
+            diagnose_json_files(self.files, self.field)
+        names = ", ".join(str(f) for f in self.files[:5])
+        raise BadCorpusError(f"cannot read the corpus files {names}: {error}")
+
+
+def text_column(ds: Any, field: str, source: str, files: list[Path] | None = None) -> str:
     """The text column to read (``text`` for .txt files), checked to exist."""
     names = ds.column_names
     if field in names:
         return field
     if names == ["text"]:
         return "text"
-    raise ValueError(f"data source {source!r} has no column {field!r} (columns: {names}): set data.text_field")
+    where = f" ({', '.join(str(f) for f in files[:5])})" if files else ""
+    raise ValueError(
+        f"data source {source!r}{where} has no field {field!r} (its fields: {names}): set data.text_field to the "
+        "one holding the text, e.g. data.text_field=" + (names[0] if names else "text")
+    )
 
 
 # -- tokenisation and the cache ----------------------------------------------------------------
@@ -370,55 +586,67 @@ def check_meta(cache: Path, meta: dict[str, Any], cfg: TextDataConfig, tokenizer
                 raise ValueError(f"{cache / f'{split}.bin'} holds id {top} >= vocab_size {V}: delete {cache} to rebuild it")
 
 
-def build_cache(cfg: TextDataConfig, cache: Path, tokenizer: TextTokenizer | None, files: list[Path] | None) -> dict[str, Any]:
+def build_cache(
+    cfg: TextDataConfig,
+    cache: Path,
+    tokenizer: TextTokenizer | None,
+    files: list[Path] | None,
+    chunk_bytes: int = TXT_CHUNK_BYTES,
+) -> dict[str, Any]:
     """Tokenise the corpus into ``cache`` (see the module docstring); returns the meta written last.
 
     ``tokenizer`` is None for ``char``: the vocabulary is then read from the corpus (train and val).
-    Everything is written to temporary names and renamed when complete.
+    Everything is written to temporary names and renamed when complete. ``.txt`` files are read and
+    tokenised ``chunk_bytes`` at a time. The caller holds the cache's build lock (``prepare_data``).
     """
-    import pyarrow.compute as pc
-
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "meta.json").unlink(missing_ok=True)  # the old build is invalid from here on
-    for leftover in cache.glob("*.tmp*"):  # an interrupted earlier build
+    for leftover in cache.glob("*.tmp*"):  # an interrupted earlier build (under the lock: never a live one's)
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     tag = f"tmp{os.getpid()}"
     work = cache / f"work.{tag}"
     work.mkdir()
     try:
-        train, val, split = _documents(cfg, cache, files, work)
-        field = text_column(train, cfg.text_field, cfg.source)
-        val_field = text_column(val, cfg.text_field, cfg.val_source or cfg.source) if val is not None else field
+        train, val, split = _documents(cfg, cache, files, work, chunk_bytes)
+        where = ", ".join(str(f) for f in files[:5]) if files else cfg.source
         if tokenizer is None:
-            tokenizer = _char_vocabulary(train, field, val, val_field)
-        tok_train = tokenise(train, tokenizer, field, cfg.num_proc, work, "train")
-        tok_val = tokenise(val, tokenizer, val_field, cfg.num_proc, work, "val") if val is not None else None
-        total = int(pc.sum(tok_train.data.column("n")).as_py() or 0)
-        if total == 0:
-            where = ", ".join(str(f) for f in files[:5]) if files else cfg.source
+            tokenizer = _char_vocabulary(train, val, where)
+        dtype = token_dtype(tokenizer.vocab_size)
+        from tqdm.auto import tqdm
+
+        if val is None:  # cut the stream by val_fraction: its length must be known first
+            raw = work / "train.all"
+            total = 0
+            with open(raw, "wb") as f:
+                for ids in train.token_blocks(tokenizer):
+                    f.write(np.ascontiguousarray(ids, dtype=dtype).tobytes())
+                    total += len(ids)
+            stream: Callable[[], Iterator[np.ndarray]] = lambda: _blocks_of(raw, dtype, total)  # noqa: E731
+        else:
+            total, stream = None, lambda: train.token_blocks(tokenizer)  # noqa: E731
+        cut = total - int(round(total * cfg.val_fraction)) if total is not None else None
+        tmp = {s: cache / f"{s}.bin.{tag}" for s in ("train", "val")}
+        writer = SplitWriter(tmp, dtype, tokenizer.vocab_size, cut)
+        _say(f"writing the tokens of {cfg.source!r} to {cache}")
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="train tokens", mininterval=1.0) as bar:
+            for ids in stream():
+                writer.write("train", ids)
+                bar.update(len(ids))
+        if val is not None:
+            for ids in val.token_blocks(tokenizer):
+                writer.write("val", ids)
+        writer.close()
+        if writer.counts["train"] + writer.counts["val"] == 0 or (val is not None and writer.counts["train"] == 0):
+            field = cfg.text_field if not isinstance(train, TextFiles) else "text"
             raise ValueError(
                 f"corpus {cfg.source!r} is empty: {len(train)} documents, 0 tokens (read from {where}, field {field!r}); "
                 "point data.source at non-empty text (and data.text_field at its text column)"
             )
-        cut = total - int(round(total * cfg.val_fraction)) if tok_val is None else None
-        dtype = token_dtype(tokenizer.vocab_size)
-        tmp = {s: cache / f"{s}.bin.{tag}" for s in ("train", "val")}
-        writer = SplitWriter(tmp, dtype, tokenizer.vocab_size, cut)
-        _say(f"writing {total:,} tokens of {cfg.source!r} to {cache}")
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, unit="tok", unit_scale=True, desc="train tokens", mininterval=1.0) as bar:
-            for ids in iter_tokens(tok_train):
-                writer.write("train", ids)
-                bar.update(len(ids))
-        if tok_val is not None:
-            for ids in iter_tokens(tok_val):
-                writer.write("val", ids)
-        writer.close()
         np.save(cache / f"unigram.npy.{tag}.npy", writer.unigram)
         for s in ("train", "val"):
             os.replace(tmp[s], cache / f"{s}.bin")
         os.replace(cache / f"unigram.npy.{tag}.npy", cache / "unigram.npy")
+        val_files = _val_files(cfg)
         meta = {
             "format": FORMAT_VERSION,
             "source": cfg.source,
@@ -426,6 +654,7 @@ def build_cache(cfg: TextDataConfig, cache: Path, tokenizer: TextTokenizer | Non
             "split": split_spec(cfg, files is not None),
             "split_rule": split,
             "files": files_signature(files) if files is not None else None,
+            "val_files": files_signature(val_files) if val_files is not None else None,
             "tokenizer": {
                 "spec": cfg.tokenizer,
                 "name": tokenizer.name,
@@ -448,47 +677,84 @@ def build_cache(cfg: TextDataConfig, cache: Path, tokenizer: TextTokenizer | Non
         _say(f"token cache ready: {cache} (train {writer.counts['train']:,}, val {writer.counts['val']:,} tokens)")
         return meta
     finally:
+        for t in (cache / f"{s}.bin.{tag}" for s in ("train", "val")):
+            t.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _documents(cfg: TextDataConfig, cache: Path, files: list[Path] | None, work: Path) -> tuple[Any, Any, str]:
-    """Train and validation documents (val None: cut the token stream by ``val_fraction``) and the rule used."""
+def _blocks_of(path: Path, dtype: np.dtype, n: int, block: int = 1 << 22) -> Iterator[np.ndarray]:
+    """The ``n`` ids of a flat token file, ``block`` at a time."""
+    if n == 0:
+        return
+    arr = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    for i in range(0, n, block):
+        yield np.asarray(arr[i : i + block])
+
+
+def _val_files(cfg: TextDataConfig) -> list[Path] | None:
+    """The local files of ``val_source`` (None when there is none or it is a hub dataset)."""
+    if cfg.val_source is None or not is_local_source(cfg.val_source):
+        return None
+    return local_files(cfg.val_source)
+
+
+def _local_docs(files: list[Path], field: str, source: str, cfg: TextDataConfig, work: Path, tag: str, chunk_bytes: int) -> Any:
+    if BUILDERS[files[0].suffix] == "text":
+        return TextFiles(files, chunk_bytes)
+    ds = load_local(files, work)
+    return DatasetDocs(ds, text_column(ds, field, source, files), cfg.num_proc, work, tag, files)
+
+
+def _documents(
+    cfg: TextDataConfig, cache: Path, files: list[Path] | None, work: Path, chunk_bytes: int = TXT_CHUNK_BYTES
+) -> tuple[Any, Any, str]:
+    """Train and validation documents (``TextFiles`` or ``DatasetDocs``; val None: cut the token stream by
+    ``val_fraction``) and the rule used."""
     if files is not None:
-        train = load_local(files, work)
+        train = _local_docs(files, cfg.text_field, cfg.source, cfg, work, "train", chunk_bytes)
     else:
         dd = load_hub(cfg.source, cfg.hf_offline_timeout_s, cache)
         if "train" not in dd:
             raise ValueError(f"hub dataset {cfg.source!r} has no train split (splits: {list(dd)})")
-        train = dd["train"]
+        ds = dd["train"]
+        field = text_column(ds, cfg.text_field, cfg.source)
         if cfg.val_source is None:
+            n = len(ds)
             if "validation" in dd:
-                return train, dd["validation"], "hub validation split"
-            k = cfg.val_documents
-            if not 0 < k < len(train):
-                raise ValueError(f"data.val_documents={k} must be in (0, {len(train)}) for {cfg.source!r}: lower it")
-            n = len(train)
-            return train.select(range(n - k)), train.select(range(n - k, n)), f"last {k} train documents"
+                val_ds, rule = dd["validation"], "hub validation split"
+            else:
+                k = cfg.val_documents
+                if not 0 < k < n:
+                    raise ValueError(f"data.val_documents={k} must be in (0, {n}) for {cfg.source!r}: lower it")
+                ds, val_ds, rule = ds.select(range(n - k)), ds.select(range(n - k, n)), f"last {k} train documents"
+            val_field = text_column(val_ds, cfg.text_field, cfg.source)
+            return (
+                DatasetDocs(ds, field, cfg.num_proc, work, "train"),
+                DatasetDocs(val_ds, val_field, cfg.num_proc, work, "val"),
+                rule,
+            )
+        train = DatasetDocs(ds, field, cfg.num_proc, work, "train")
     if cfg.val_source is not None:
-        val_files = local_files(cfg.val_source) if is_local_source(cfg.val_source) else None
+        val_files = _val_files(cfg)
         if val_files is not None:
-            val = load_local(val_files, work)
+            val = _local_docs(val_files, cfg.text_field, cfg.val_source, cfg, work, "val", chunk_bytes)
         else:
             vd = load_hub(cfg.val_source, cfg.hf_offline_timeout_s, cache)
-            val = vd["validation"] if "validation" in vd else vd["train"]
+            vds = vd["validation"] if "validation" in vd else vd["train"]
+            val = DatasetDocs(vds, text_column(vds, cfg.text_field, cfg.val_source), cfg.num_proc, work, "val")
         return train, val, f"val_source {cfg.val_source}"
     return train, None, f"last {cfg.val_fraction} of the token stream"
 
 
-def _char_vocabulary(train: Any, field: str, val: Any, val_field: str) -> CharTokenizer:
+def _char_vocabulary(train: Any, val: Any, where: str) -> CharTokenizer:
     """The character tokenizer of a corpus: every character of its train and validation documents."""
     chars: set[str] = set()
-    for ds, f in ((train, field), (val, val_field)):
-        if ds is not None:
-            for batch in ds.iter(batch_size=1024):
-                for text in batch[f]:
-                    chars.update(text or "")
+    for docs in (train, val):
+        if docs is not None:
+            for text in docs.texts():
+                chars.update(text)
     if not chars:
-        raise ValueError("the corpus is empty (no characters): point data.source at non-empty text")
+        raise ValueError(f"the corpus is empty (no characters in {where}): point data.source at non-empty text")
     return CharTokenizer(sorted(chars))
 
 
@@ -571,6 +837,8 @@ class TextDataModule(ShardedLoaders, L.LightningDataModule):
         self._consumed = 0
         self._tokenizer: TextTokenizer | None = None
         self._meta: dict[str, Any] | None = None
+        self._cache_path: Path | None = None
+        self.txt_chunk_bytes = TXT_CHUNK_BYTES  # .txt files are tokenised this many bytes at a time
         self._sampler: ResumableSampler | None = None
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
@@ -586,17 +854,46 @@ class TextDataModule(ShardedLoaders, L.LightningDataModule):
 
     @property
     def cache_path(self) -> Path:
-        """``<cache_dir>/<slug of source>-<tokenizer fingerprint[:12] | char>``."""
-        tok = self._spec_tokenizer()
-        key = "char" if tok is None else tok.fingerprint()[:12]
-        return Path(self.cfg.cache_dir).expanduser() / f"{source_slug(self.cfg.source, self.cfg.val_source)}-{key}"
+        """``<cache_dir>/<slug of source>-<tokenizer fingerprint[:12] | char>[-<corpus digest[:12]>]``.
+
+        A local corpus's key ends in a hash of its files' content (``corpus_digest``), so an edited corpus
+        gets a new cache (the old one stays for runs still reading it). When the local files are gone, the
+        newest complete cache of that source and tokenizer is used."""
+        if self._cache_path is None:
+            tok = self._spec_tokenizer()
+            key = "char" if tok is None else tok.fingerprint()[:12]
+            root = Path(self.cfg.cache_dir).expanduser()
+            base = f"{source_slug(self.cfg.source, self.cfg.val_source)}-{key}"
+            path = root / base
+            if is_local_source(self.cfg.source):
+                try:
+                    path = root / f"{base}-{corpus_digest(self._corpus_files(), _val_files(self.cfg))[:12]}"
+                except FileNotFoundError:
+                    path = self._newest_cache(root, base) or root / f"{base}-missing"
+            self._cache_path = path
+        return self._cache_path
+
+    def _newest_cache(self, root: Path, base: str) -> Path | None:
+        """The most recently built complete cache ``<base>-<digest>`` (the corpus files are gone)."""
+        pattern = re.compile(re.escape(base) + r"-[0-9a-f]{12}")
+        found = []
+        for d in root.glob(f"{glob.escape(base)}-*"):
+            meta = read_meta(d) if pattern.fullmatch(d.name) else None
+            if meta is not None and stale_reason(d, meta, self.cfg, None) is None:
+                found.append(((d / "meta.json").stat().st_mtime_ns, d))
+        if not found:
+            return None
+        newest = max(found)[1]
+        if len(found) > 1:
+            _say(f"the files of {self.cfg.source!r} are missing: using its newest token cache {newest} (of {len(found)})")
+        return newest
 
     def _corpus_files(self) -> list[Path] | None:
         """Local corpus files (None for a hub dataset); raises when a local source has none."""
         return local_files(self.cfg.source) if is_local_source(self.cfg.source) else None
 
     def prepare_data(self) -> None:
-        """Build the token cache unless a complete, matching one exists (one process per node runs this)."""
+        """Build the token cache unless a complete, matching one exists (global rank 0 runs this, holding the build lock)."""
         cache, tok = self.cache_path, self._spec_tokenizer()
         meta = read_meta(cache)
         try:
@@ -610,9 +907,16 @@ class TextDataModule(ShardedLoaders, L.LightningDataModule):
         if reason is None:
             check_meta(cache, meta, self.cfg, tok)
             return
-        if meta is not None:
-            _say(f"rebuilding {cache}: {reason}")
-        build_cache(self.cfg, cache, tok, files)
+        with build_lock(cache):  # another process may be building it: wait, then look again
+            meta = read_meta(cache)
+            reason = stale_reason(cache, meta, self.cfg, files)
+            if reason is None:
+                _say(f"{cache} was built by another process meanwhile: using it")
+                check_meta(cache, meta, self.cfg, tok)
+                return
+            if meta is not None:
+                _say(f"rebuilding {cache}: {reason}")
+            build_cache(self.cfg, cache, tok, files, self.txt_chunk_bytes)
 
     def check_available(self) -> None:
         """Fail within seconds, before any training machinery starts, when the data cannot be had:
@@ -678,6 +982,15 @@ class TextDataModule(ShardedLoaders, L.LightningDataModule):
     def tokenizer_state(self) -> dict[str, Any]:
         """What ``tokenizer_from_state`` needs to rebuild the tokenizer (store it in checkpoints)."""
         return self.tokenizer.state()
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What the token ids mean: the tokenizer fingerprint and vocabulary (kept in the DataModule's
+        checkpoint state; resuming on data whose ids mean other tokens is refused in ``load_state_dict``)."""
+        tok = self.tokenizer
+        out: dict[str, Any] = {"tokenizer": tok.fingerprint(), "vocab_size": tok.vocab_size}
+        if isinstance(tok, CharTokenizer):
+            out["chars"] = "".join(tok.chars)
+        return out
 
     def token_counts(self) -> torch.Tensor:
         """float64 ``[V]`` token counts over the train split (for the unigram noise law)."""
