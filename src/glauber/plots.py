@@ -117,7 +117,7 @@ def plot_budgets(rows: list[dict], labels: dict[str, str], nfe: int, out_png: st
                 ax.axhline(pts[0][key], color="k", ls="--", lw=1.4, label=labels.get(name, name))
             continue
         if name != "ar":
-            pts = [r for r in pts if abs(r["nfe"] - nfe) < 1e-9]
+            pts = [r for r in pts if r["nominal_nfe"] == nfe]
         pts.sort(key=lambda r: r["budget"])
         for ax, key in zip(axes, ("gen_ppl", "nll_per_byte")):
             ax.plot([r["budget"] for r in pts], [r[key] for r in pts], "o-", label=labels.get(name, name))
