@@ -17,6 +17,17 @@ from glauber.train import train
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "shakespeare.yaml"
 
 
+def shown_path(path: Path) -> Path:
+    """``path`` relative to the repository (or the working folder) when it lies inside, so reports name no
+    machine's absolute paths."""
+    for base in (DEFAULT_CONFIG.parents[1], Path.cwd()):
+        try:
+            return path.resolve().relative_to(base.resolve())
+        except ValueError:
+            continue
+    return path
+
+
 def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
     cfg_path = Path(config) if config else DEFAULT_CONFIG
     if not cfg_path.is_file():
@@ -60,7 +71,7 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
     lines = [
         "# glauber demo: GGM on tiny Shakespeare (character level, CPU)",
         "",
-        f"- command: `glauber demo` (config `{cfg_path}`), run directory `{run_dir}`",
+        f"- command: `glauber demo` (config `{shown_path(cfg_path)}`), run directory `{run_dir}`",
         f"- model: {cfg.model.size} ({module.model.num_parameters() / 1e6:.2f}M non-embedding parameters), L = {L}, "
         f"V = {module.vocab_size}, K = {cfg.schedule.sweeps} sweeps",
         f"- trained {step} optimizer steps, batch {cfg.train.global_batch_size}, in {train_s / 60:.1f} min on "
