@@ -9,7 +9,8 @@ default). Every image is made RGB (transparency composited on white), centre-cro
 
 The images are tokenised once by the VQ tokenizer (``data.tokenizer``: a taming ``.ckpt`` or a
 ``glauber train-vq`` ``vq.ckpt``, loaded with ``glauber.vq.load_vq``) into
-``<cache_dir>/<source>-<S>px[-nocrop][-hflip]-<tokenizer name>-<hash of its path>/``::
+``<cache_dir>/<source>-<S>px[-nocrop][-hflip]-<tokenizer name>-<hash of its path>[-<content digest>]/``
+(the digest, a sha256 over a local source's images, changes when an image is edited)::
 
     train.bin, val.bin   uint16 token ids, one row of h*w ids per image (raster order)
     unigram.npy          int64 [V] token counts over train.bin
@@ -43,11 +44,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.cachelock import build_lock
+from data_modules.fingerprint import file_sha256, json_digest, newest_cache
 from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
 from data_modules.text import _hf_cached, _hf_offline, _say, read_meta, ready_meta, source_slug
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the source signature and the cache key hold a sha256 of the images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SPLIT_SEED = 0  # the train/validation split never depends on data.seed
@@ -148,6 +150,20 @@ def _hf_offline_message(name: str) -> str:
     )
 
 
+def folder_images(root: Path) -> list[Path]:
+    """The image files under ``root`` (searched recursively), sorted by relative path."""
+    files = [f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file()]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a local source's content: of the .zip/.npz file, or over the image files of a folder in
+    sorted order (with their relative names). Part of the token cache's key and of meta.json."""
+    if path.is_dir():
+        return json_digest([[f.relative_to(path).as_posix(), file_sha256(f)] for f in folder_images(path)])
+    return file_sha256(path)
+
+
 class ImageSource(Dataset):
     """Random access to the images of a source, each returned as uint8 ``[S, S, 3]`` (``fit_image``;
     ``image_size=None``: RGB at their own sizes)."""
@@ -184,8 +200,7 @@ class FolderImages(ImageSource):
     def __init__(self, root: Path, source: str, image_size: int | None, center_crop: bool = True):
         super().__init__(source, image_size, center_crop)
         self.root = root
-        files = [f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file()]
-        self.files = sorted(files, key=lambda f: f.relative_to(root).as_posix())
+        self.files = folder_images(root)
         if not self.files:
             raise ValueError(f"image folder {root} holds no {'/'.join(IMAGE_EXTS)} files (searched recursively)")
 
@@ -203,7 +218,7 @@ class FolderImages(ImageSource):
         return str(self.files[i])
 
     def signature(self) -> list[Any]:
-        return ["folder", len(self.files), sum(f.stat().st_size for f in self.files)]
+        return ["folder", len(self.files), sum(f.stat().st_size for f in self.files), content_digest(self.root)]
 
 
 class ZipImages(ImageSource):
@@ -235,7 +250,7 @@ class ZipImages(ImageSource):
         return f"{self.path}:{self.names[i]}"
 
     def signature(self) -> list[Any]:
-        return ["zip", self.path.name, self.path.stat().st_size]
+        return ["zip", self.path.name, self.path.stat().st_size, content_digest(self.path)]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_zip": None}
@@ -268,7 +283,7 @@ class ArrayImages(ImageSource):
         return self.images[i]
 
     def signature(self) -> list[Any]:
-        return ["npz", self.path.name, self.path.stat().st_size]
+        return ["npz", self.path.name, self.path.stat().st_size, content_digest(self.path)]
 
 
 class HubImages(ImageSource):
@@ -350,23 +365,6 @@ def load_images(source: str, image_size: int, center_crop: bool = True, progress
 
 
 # -- the tokenizer -------------------------------------------------------------------------------------
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) within the process."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def tokenizer_vocab(tok: Any) -> int:
     """The codebook size of a VQ tokenizer (``vocab_size``, ``n_embed`` or ``config.n_embed``)."""
     for get in (lambda: tok.vocab_size, lambda: tok.n_embed, lambda: tok.config.n_embed):
@@ -646,6 +644,7 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
         self._tok_info: dict[str, Any] | None = None
         self._consumed = 0
         self._meta: dict[str, Any] | None = None
+        self._cache_path: Path | None = None
         self._sampler: ResumableSampler | None = None
         self.train_set: TokenRows | None = None
         self.val_set: TokenRows | None = None
@@ -733,7 +732,13 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
     # -- the cache ----------------------------------------------------------------------------------
     @property
     def cache_path(self) -> Path:
-        """``<cache_dir>/<source slug>-<S>px[-nocrop][-hflip]-<tokenizer name>[-<hash of its path>]``."""
+        """``<cache_dir>/<source slug>-<S>px[-nocrop][-hflip]-<tokenizer name>[-<hash of its path>][-<content digest>]``.
+
+        A local source's key ends in the first 12 hex digits of ``content_digest`` (a sha256 over its
+        images), so edited images get a new cache (the old one stays for runs still reading it). When the
+        images are gone, the newest complete cache of that source and tokenizer is used."""
+        if self._cache_path is not None:
+            return self._cache_path
         cfg = self.cfg
         path = self._tokenizer_path()
         if path is not None:
@@ -743,7 +748,18 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
         parts = [source_slug(cfg.source), f"{cfg.image_size}px"]
         parts += [] if cfg.center_crop else ["nocrop"]
         parts += ["hflip"] if cfg.hflip else []
-        return Path(cfg.cache_dir).expanduser() / "-".join([*parts, tok_key])
+        root, base = Path(cfg.cache_dir).expanduser(), "-".join([*parts, tok_key])
+        cache = root / base
+        if not is_hub_source(cfg.source):
+            try:
+                cache = root / f"{base}-{content_digest(_resolve(cfg.source))[:12]}"
+            except FileNotFoundError:
+                newest, n = newest_cache(root, base, lambda d: stale_reason(d, read_meta(d), cfg, None) is None)
+                if n > 1:
+                    _say(f"the images of {cfg.source!r} are missing: using their newest token cache {newest} (of {n})")
+                cache = newest or root / f"{base}-missing"
+        self._cache_path = cache
+        return cache
 
     def _open_source(self) -> ImageSource:
         c = self.cfg

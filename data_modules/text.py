@@ -59,6 +59,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_modules.cachelock import build_lock
+from data_modules.fingerprint import file_sha256, files_signature, json_digest, newest_cache
 from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
 from data_modules.tokenizers import (
     CharTokenizer,
@@ -143,31 +144,9 @@ def local_files(source: str) -> list[Path]:
     )
 
 
-_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (remembered per path, size and mtime in this process)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        _SHA256_MEMO[key] = h.hexdigest()
-    return _SHA256_MEMO[key]
-
-
-def files_signature(files: list[Path]) -> list[list[Any]]:
-    """Names, sizes and content sha256 of the corpus files: an edited corpus invalidates its cache."""
-    return [[f.name, f.stat().st_size, file_sha256(f)] for f in files]
-
-
 def corpus_digest(files: list[Path], val_files: list[Path] | None = None) -> str:
     """A hash of the content of the corpus (and validation) files: part of a local corpus's cache key."""
-    sig = {"train": [s[2] for s in files_signature(files)], "val": [s[2] for s in files_signature(val_files or [])]}
-    return hashlib.sha256(json.dumps(sig).encode()).hexdigest()
+    return json_digest({"train": [file_sha256(f) for f in files], "val": [file_sha256(f) for f in val_files or []]})
 
 
 def _hf_cached(name: str) -> bool:
@@ -875,17 +854,9 @@ class TextDataModule(ShardedLoaders, L.LightningDataModule):
 
     def _newest_cache(self, root: Path, base: str) -> Path | None:
         """The most recently built complete cache ``<base>-<digest>`` (the corpus files are gone)."""
-        pattern = re.compile(re.escape(base) + r"-[0-9a-f]{12}")
-        found = []
-        for d in root.glob(f"{glob.escape(base)}-*"):
-            meta = read_meta(d) if pattern.fullmatch(d.name) else None
-            if meta is not None and stale_reason(d, meta, self.cfg, None) is None:
-                found.append(((d / "meta.json").stat().st_mtime_ns, d))
-        if not found:
-            return None
-        newest = max(found)[1]
-        if len(found) > 1:
-            _say(f"the files of {self.cfg.source!r} are missing: using its newest token cache {newest} (of {len(found)})")
+        newest, n = newest_cache(root, base, lambda d: stale_reason(d, read_meta(d), self.cfg, None) is None)
+        if n > 1:
+            _say(f"the files of {self.cfg.source!r} are missing: using its newest token cache {newest} (of {n})")
         return newest
 
     def _corpus_files(self) -> list[Path] | None:

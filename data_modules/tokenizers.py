@@ -90,8 +90,11 @@ class GPT2Tokenizer(TextTokenizer):
         else:
             path = Path(source).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"tokenizer file {path} not found: use data.tokenizer=gpt2 or a path to a tokenizer.json")
-            self._tok = Tokenizer.from_file(str(path))
+                raise FileNotFoundError(
+                    f"data.tokenizer={source}: tokenizer file {path} not found: use data.tokenizer=gpt2 or a path to a "
+                    "tokenizer.json"
+                )
+            self._tok = _tokenizer_file(path, source)
             self.name = f"json:{path.name}"
         self.source = source
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -124,6 +127,21 @@ class GPT2Tokenizer(TextTokenizer):
         if self.source not in ("bundled", "hub"):
             state["json"] = self._tok.to_str()  # a custom file travels with the state
         return state
+
+
+def _tokenizer_file(path: Path, source: str) -> Any:
+    """A ``tokenizers.Tokenizer`` read from ``path``; one line naming the file and ``data.tokenizer`` when it
+    is not a tokenizer.json (invalid JSON, another JSON, not UTF-8, unreadable)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(
+            f"data.tokenizer={source}: {path} is not a Hugging Face tokenizer.json ({reason}); point data.tokenizer at a "
+            "tokenizer.json saved by the tokenizers library (Tokenizer.save), or use data.tokenizer=gpt2 or char"
+        ) from None
 
 
 def _hub_gpt2_file(timeout_s: float) -> Path:
@@ -165,10 +183,12 @@ class CharTokenizer(TextTokenizer):
     def encode(self, text: str) -> list[int]:
         try:
             return [self._index[c] for c in text]
-        except KeyError as e:
+        except KeyError:
+            missing = sorted(set(text) - self._index.keys())
+            shown = ", ".join(repr(c) for c in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise ValueError(
-                f"character {e.args[0]!r} is not in the {self.vocab_size}-character vocabulary of this corpus; "
-                "remove it from the text or rebuild the vocabulary from a corpus that contains it"
+                f"character{'s' if len(missing) > 1 else ''} {shown} not in the {self.vocab_size}-character vocabulary of "
+                "this corpus; remove them from the text or rebuild the vocabulary from a corpus that contains them"
             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:

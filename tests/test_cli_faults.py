@@ -222,3 +222,46 @@ def test_output_checks_leave_no_probe_files(tmp_path):
     cli.check_output_dir(tmp_path / "run", "train.run_dir")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["new", "run"]
     shutil.rmtree(tmp_path / "new")
+
+
+# -- 8. train.devices that Lightning would reject with a traceback ---------------------------------------------------
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("abc", "train.devices must be auto, -1 (all), a count >= 1"),
+        ("-2", "train.devices must be auto, -1 (all), a count >= 1"),
+        ("[abc]", "train.devices: a list of device ids must hold integers >= 0"),
+        ("-1", "train.devices=-1 names GPU ids (or all GPUs), but training runs on the CPU"),
+        ("[0]", "train.devices=[0] names GPU ids (or all GPUs), but training runs on the CPU"),
+    ],
+)
+def test_nonsense_train_devices_is_refused_naming_the_key(tmp_path, capsys, value, shown):
+    run = tmp_path / "run"
+    argv = ["train", str(TINY), *corpus_overrides(tmp_path, CORPUS), f"train.run_dir={run}", "train.accelerator=cpu"]
+    err = refused([*argv, f"train.devices={value}"], capsys)
+    assert shown in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists()  # refused at validation, before the data was touched
+
+
+# -- 9. a judge whose character vocabulary cannot encode the samples ---------------------------------------------------
+def test_a_char_judge_missing_characters_of_the_samples_is_refused_before_sampling(trained, tmp_path, capsys, monkeypatch):
+    import glauber.evaluate
+    from glauber.judges import load_judge
+
+    run = tmp_path / "judge"
+    narrow = [f"data.source={tmp_path / 'narrow.txt'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    (tmp_path / "narrow.txt").write_text("the lazy dog.\n" * 300)  # no digits, no 'L', 'q', 'x', ':' ...
+    assert main(["train", str(TINY), *narrow, "method=ar", f"train.run_dir={run}", "train.max_steps=1"]) == 0
+    judge_ckpt = run / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    sampled = []
+    monkeypatch.setattr(glauber.evaluate, "generate", lambda *a, **k: sampled.append(a))
+    err = refused(["eval-ppl", str(trained["ggm"]), "--judge", f"ckpt:{judge_ckpt}", "--device", "cpu"], capsys)
+    assert f"judge ckpt:{judge_ckpt} cannot score the samples of {trained['ggm']}" in err, err
+    assert "lacks '0', '1', '2'" in err and "':', 'L', 'b'" in err and "more. Use a judge" in err and "gpt2-large" in err
+    assert len(err.strip().splitlines()) == 1 and not sampled  # refused before any sampling
+    # texts given directly (compare, the training callback) are refused at encoding, naming the characters
+    judge = load_judge(f"ckpt:{judge_ckpt}", "cpu")
+    with pytest.raises(ValueError, match=r"cannot score these texts: its \d+-character vocabulary lacks 'L', 'x'"):
+        judge.encode(["the lazy dog.", "Lax"])
+    assert judge.encode(["the lazy dog."])[0].shape == (1, 13)

@@ -308,3 +308,65 @@ def test_two_processes_building_one_image_cache_end_with_one_valid_cache(tmp_pat
     meta, ref_meta = (json.loads((c / "meta.json").read_text()) for c in (cache, ref.cache_path))
     assert meta["rows"] == ref_meta["rows"] == {"train": 32, "val": 8} and meta["max_id"] == ref_meta["max_id"]
     assert not [p.name for p in cache.iterdir() if "tmp" in p.name]
+
+
+# -- 5. an edited image of the same size --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["folder", "npz"])
+def test_an_edited_image_of_the_same_size_rebuilds_into_a_new_image_cache(tmp_path, kind):
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from test_images import PaletteVQ, blocky
+        from test_images import make_dm as image_dm
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    arr = blocky(12)
+    edited = arr.copy()
+    edited[3, :4, :4] = 255 - edited[3, :4, :4]  # one block of image 3 in another palette colour
+
+    def write(images: np.ndarray) -> Path:
+        if kind == "npz":
+            np.savez(tmp_path / "imgs.npz", images=images)
+            return tmp_path / "imgs.npz"
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        for i, img in enumerate(images):  # stored, not deflated: an edit keeps the size in bytes
+            Image.fromarray(img).save(tmp_path / "imgs" / f"{i:02d}.png", compress_level=0)
+        return tmp_path / "imgs"
+
+    def sizes(src: Path) -> list[int]:
+        return [f.stat().st_size for f in sorted(src.rglob("*") if src.is_dir() else [src])]
+
+    src = write(arr)
+    before = sizes(src)
+    old = image_dm(tmp_path, src, PaletteVQ(), val_size=2)
+    old.prepare_data()
+    old_bytes = (old.cache_path / "train.bin").read_bytes()
+    write(edited)
+    assert sizes(src) == before  # same names, same sizes: only the content tells them apart
+    new = image_dm(tmp_path, src, PaletteVQ(), val_size=2)
+    new.prepare_data()
+    assert new.cache_path != old.cache_path
+    assert (new.cache_path / "train.bin").read_bytes() != old_bytes
+    meta = json.loads((new.cache_path / "meta.json").read_text())
+    digest = meta["source_signature"][-1]
+    assert len(digest) == 64 and new.cache_path.name.endswith(digest[:12])
+    assert (old.cache_path / "train.bin").read_bytes() == old_bytes  # a run still reading it is not disturbed
+    write(arr)  # back to the first images: their cache is found again
+    assert image_dm(tmp_path, src, PaletteVQ(), val_size=2).cache_path == old.cache_path
+
+
+# -- 6. a broken tokenizer file ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b'{"model": {"type": "BPE"', "EOF while parsing"), (b'{"a": 1}', "line 1"), (b"", "EOF"), (b"\xff\xfe\x00", "UTF-8")],
+)
+def test_a_broken_tokenizer_file_is_named_with_its_key(tmp_path, content, why):
+    src, tok = tmp_path / "t.txt", tmp_path / "broken.json"
+    src.write_text("abcd" * 30)
+    tok.write_bytes(content)
+    with pytest.raises(ValueError) as excinfo:
+        make_dm(tmp_path, src, tokenizer=str(tok)).prepare_data()
+    msg = one_line_error(excinfo)
+    assert f"data.tokenizer={tok}: {tok} is not a Hugging Face tokenizer.json" in msg and why in msg
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("meta.json"))

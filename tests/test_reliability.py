@@ -181,13 +181,14 @@ SIGNAL_STEPS = 30  # the signal comes after step 5, long before the end
 @pytest.fixture(scope="module")
 def straight(shared) -> Path:
     """The uninterrupted run a stopped-and-resumed one must equal."""
-    return run_train(shared, shared / "straight", SIGNAL_STEPS, "train.ckpt_every_steps=5")
+    return run_train(shared, shared / "straight", SIGNAL_STEPS, "train.ckpt_every_steps=5", "train.threads=1")
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_last_ckpt_at_a_step_boundary_and_exits_nonzero(shared, straight, tmp_path, signum, code):
     run = tmp_path / "run"
-    overrides = tiny(shared, run, SIGNAL_STEPS, "train.ckpt_every_steps=5")
+    # one thread in every run (the subprocess, the straight and the resumed one): the same float summation
+    overrides = tiny(shared, run, SIGNAL_STEPS, "train.ckpt_every_steps=5", "train.threads=1")
     args = [sys.executable, "-m", "glauber.cli", "train", str(TINY), *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -316,6 +316,18 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"model.dropout must be in [0, 1): the fraction of activations zeroed (got {cfg.model.dropout})")
     validate_optim(cfg.optim)
     validate_train(cfg.train)
+    devices, accel = cfg.train.devices, cfg.train.accelerator
+    ids = list(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else None
+    if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"train.devices: a list of device ids must hold integers >= 0 (got {ids!r})")
+    import torch
+
+    on_cpu = accel == "cpu" or (accel == "auto" and not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    if on_cpu and (ids is not None or str(devices).strip() == "-1" or "," in str(devices)):
+        raise ValueError(
+            f"train.devices={devices} names GPU ids (or all GPUs), but training runs on the CPU (train.accelerator={accel}): "
+            "give the number of processes instead, e.g. train.devices=1, or auto"
+        )
 
 
 def validate_optim(o: DictConfig) -> None:

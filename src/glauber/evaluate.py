@@ -54,6 +54,8 @@ def eval_ppl_command(args: argparse.Namespace) -> dict:
     check_positions_per_step(args.m, module, "--m")
     judge = load_judge(args.judge, device, args.judge_gguf)
     tok = checkpoint_tokenizer(module)
+    if getattr(tok, "chars", None) is not None:  # a character model: its alphabet is all its samples can hold
+        judge.check_covers(tok.chars, f"the samples of {args.checkpoint} (their characters)")
     given = {"positions_per_step": args.m, "steps": args.steps, "sweeps": args.sweeps}  # each method takes its own
     options = {k: v for k, v in given.items() if v is not None} | {
         "temperature": args.temperature,

@@ -10,7 +10,7 @@ bytes it adds to the decoded text (``token_bytes``), for the judge's nll per byt
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class HFJudge:
     def decode(self, rows: list[list[int]]) -> list[str]:
         """Texts of token id lists, special tokens kept and spaces left as they are."""
         return self.tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def check_covers(self, chars: Iterable[str], what: str) -> None:
+        """Nothing to refuse: a Hugging Face tokenizer encodes any text (bytes, or its own unknown token)."""
 
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Right-padded judge token ids, their mask and their ``token_bytes``, each text cut to the judge's context."""
@@ -132,9 +135,23 @@ class CheckpointJudge:
         """Texts of token id lists (the checkpoint's tokenizer keeps special tokens)."""
         return [self.tokenizer.decode(r) for r in rows]
 
+    def check_covers(self, chars: Iterable[str], what: str) -> None:
+        """Refuse, naming them, the characters of ``what`` that this judge's character vocabulary lacks (it
+        could not encode them; a byte-level tokenizer encodes any text)."""
+        vocab = getattr(self.tokenizer, "chars", None)
+        missing = sorted(set(chars) - set(vocab)) if vocab is not None else []
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise ValueError(
+                f"judge {self.name} cannot score {what}: its {len(vocab)}-character vocabulary lacks {shown}. Use a judge "
+                "whose vocabulary holds them: an AR checkpoint trained on the same corpus, or a byte-level judge such as "
+                "gpt2-large"
+            )
+
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Right-padded token ids of the checkpoint's tokenizer, their mask and their ``token_bytes``, cut to
-        ``max_length``."""
+        ``max_length``; texts with characters outside a character vocabulary are refused first, naming them."""
+        self.check_covers("".join(texts), "these texts")
         return pad_rows([self.tokenizer.encode(t)[: self.max_length] for t in texts], self.eos_id, self.decode)
 
 
