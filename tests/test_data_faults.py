@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from corpus import bare_trainer
 
 from data_modules.text import TextDataConfig, TextDataModule, TextFiles
 from data_modules.tokenizers import CharTokenizer, GPT2Tokenizer
@@ -111,17 +112,7 @@ def test_lightning_resume_on_another_vocabulary_is_refused(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def fit(source: Path, ckpt: str | None = None) -> None:
-        trainer = L.Trainer(
-            max_steps=2 if ckpt is None else 4,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            use_distributed_sampler=False,
-            default_root_dir=str(tmp_path),
-        )
+        trainer = bare_trainer(tmp_path, 2 if ckpt is None else 4)
         trainer.fit(Tiny(), datamodule=make_dm(tmp_path, source), ckpt_path=ckpt)
         if ckpt is None:
             trainer.save_checkpoint(tmp_path / "run.ckpt")

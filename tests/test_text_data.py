@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from corpus import bare_trainer
 
 import data_modules.text as text
 from data_modules.sampling import ResumableSampler
@@ -363,18 +364,7 @@ def test_lightning_resume_from_a_checkpoint_replays_nothing_and_skips_nothing(sh
     def fit(steps: int, ckpt: str | None = None, save: str | None = None) -> tuple[list, TextDataModule]:
         dm = TextDataModule(TextDataConfig(**shakespeare_char, num_workers=1), batch_size=4, max_train_samples=100)
         module = Tiny()
-        trainer = L.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            use_distributed_sampler=False,
-            default_root_dir=str(tmp_path),
-        )
+        trainer = bare_trainer(tmp_path, steps)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         if save:
             trainer.save_checkpoint(save)

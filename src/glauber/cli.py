@@ -97,26 +97,23 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (``--temperature``; 0 would divide the logits by zero)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text!r})") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
-    return value
+def _number_in(low: float, high: float, what: str):
+    """An argparse type: a finite number in ``(low, high]`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} (got {text!r})") from None
+        if not (math.isfinite(value) and low < value <= high):
+            raise argparse.ArgumentTypeError(f"must be {what} (got {text})")
+        return value
+
+    return parse
 
 
-def probability_mass(text: str) -> float:
-    """An argparse type: a number in (0, 1] (``--top-p``; 1 = no nucleus truncation)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (got {text!r})") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], 1 = off (got {text})")
-    return value
+positive_float = _number_in(0.0, math.inf, "a finite number > 0")  # --temperature: 0 would divide the logits by zero
+probability_mass = _number_in(0.0, 1.0, "a number in (0, 1], 1 = off")  # --top-p: 1 = no nucleus truncation
 
 
 def check_positions_per_step(m: int | None, module: object, option: str = "--m") -> None:
