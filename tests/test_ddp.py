@@ -316,8 +316,10 @@ def test_global_batch_is_the_same_for_any_devices_and_nodes(devices, nodes):
     from glauber.config import batch_layout, load_config
     from glauber.train import world_size
 
+    gpu = ["train.accelerator=gpu"] if devices == "0,1" else []  # device ids are GPU ids (a CPU run takes a count)
     cfg = load_config(
-        TINY, [f"train.devices={devices}", f"train.num_nodes={nodes}", "train.global_batch_size=64", "train.micro_batch_size=4"]
+        TINY,
+        [f"train.devices={devices}", f"train.num_nodes={nodes}", "train.global_batch_size=64", "train.micro_batch_size=4", *gpu],
     )
     W = world_size(cfg)
     assert W == (2 if devices == "0,1" else devices) * nodes
