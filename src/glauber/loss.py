@@ -197,7 +197,6 @@ LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy_loss,
 }
 LOSS_NAMES = ("analytic", "single_sample", "weighted", "time_weighted", "balanced", "cross_entropy")
-BINARY_LOSSES = tuple(n for n in LOSS_NAMES if n != "cross_entropy")  # GGM proper; cross_entropy is the ablation
 
 
 def ggm_loss(

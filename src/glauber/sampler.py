@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from glauber.loss import denoising_logits
 from glauber.noise import NoiseLaw
 from glauber.process import check_token_ids, noise_to
-from glauber.schedule import GlauberSchedule, checks_enabled, trusted_inputs
+from glauber.schedule import GlauberSchedule, check_count, checks_enabled, trusted_inputs
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -257,12 +257,6 @@ def _broadcast_clamp(clamp_mask: Tensor | None, B: int, L: int, device: torch.de
     if clamp_mask.shape not in ((L,), (B, L)):
         raise ValueError(f"clamp_mask must have shape [L={L}] or [B={B}, L={L}] (got {tuple(clamp_mask.shape)})")
     return clamp_mask.to(device).expand(B, L).clone()
-
-
-def check_count(name: str, value: int, minimum: int) -> None:
-    """Raise ``ValueError`` naming the option unless ``value`` is an integer ``>= minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r})")
 
 
 def _check_tokens(x: Tensor, L: int, V: int, name: str) -> None:

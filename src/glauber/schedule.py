@@ -121,9 +121,9 @@ class GlauberSchedule:
         order: str = "round_robin",
         order_seed: int = 0,
     ) -> None:
-        _check_int("seq_len", seq_len, 1)
-        _check_int("sweeps", sweeps, 1)
-        _check_int("positions_per_step", positions_per_step, 1)
+        check_count("seq_len", seq_len, 1)
+        check_count("sweeps", sweeps, 1)
+        check_count("positions_per_step", positions_per_step, 1)
         if seq_len % positions_per_step:
             raise ValueError(
                 f"positions_per_step (m={positions_per_step}) must divide seq_len (L={seq_len}); "
@@ -274,7 +274,8 @@ class GlauberSchedule:
     __repr__ = describe
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
+def check_count(name: str, value: int, minimum: int) -> None:
+    """Raise ``ValueError`` naming the option unless ``value`` is an integer ``>= minimum``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r})")
 

@@ -14,8 +14,8 @@ from glauber.loss import cross_entropy_loss, ggm_loss, uses_normalized_classifie
 from glauber.methods.base import DiffusionModule
 from glauber.noise import NoiseLaw
 from glauber.process import check_batch, make_training_example, step_probs
-from glauber.sampler import Denoiser, check_count, glauber_sample, infill
-from glauber.schedule import GlauberSchedule, trusted_inputs
+from glauber.sampler import Denoiser, glauber_sample, infill
+from glauber.schedule import GlauberSchedule, check_count, trusted_inputs
 
 
 class GGMModule(DiffusionModule):
