@@ -63,8 +63,9 @@ eval-ppl: $(STAMP)  ## generative perplexity of a checkpoint: make eval-ppl CKPT
 bench: $(STAMP)  ## speed benchmark (see docs/BENCHMARKS.md); e.g. make bench ARGS="--size small"
 	$(VENV)/bin/glauber bench $(ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the layer contract (pyproject.toml [tool.importlinter]): lower layers never import higher ones
 	$(VENV)/bin/ruff check src data_modules tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf runs/demo runs/emoji runs/compare .pytest_cache .ruff_cache

@@ -8,7 +8,7 @@ default). Every image is made RGB (transparency composited on white), centre-cro
 ``image_size`` when its size differs.
 
 The images are tokenised once by the VQ tokenizer (``data.tokenizer``: a taming ``.ckpt`` or a
-``glauber train-vq`` ``vq.ckpt``, loaded with ``glauber.vq.load_vq``) into
+``glauber train-vq`` ``vq.ckpt``, loaded with ``glauber.nn.vq.load_vq``) into
 ``<cache_dir>/<source>-<S>px[-nocrop][-hflip]-<tokenizer name>-<hash of its path>[-<content digest>]/``
 (the digest, a sha256 over a local source's images, changes when an image is edited)::
 
@@ -48,6 +48,7 @@ from data_modules.fingerprint import file_sha256, json_digest, newest_cache
 from data_modules.sampling import ResumableSampler, ShardedLoaders, rank_world
 from data_modules.text import _hf_cached, _hf_offline, _say, read_meta, ready_meta, source_slug
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
+from glauber.nn.vq import load_vq
 
 FORMAT_VERSION = 2  # 2: the source signature and the cache key hold a sha256 of the images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -605,7 +606,7 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
 
     ``tokenizer``: a ready tokenizer object (``encode_to_ids``, ``decode_ids``, ``to_uint8``,
     ``grid_shape``, ``vocab_size``/``n_embed``; keyed by its ``sha256`` attribute or its weights) used
-    instead of loading ``cfg.tokenizer`` with ``glauber.vq.load_vq`` (tests, notebooks).
+    instead of loading ``cfg.tokenizer`` with ``glauber.nn.vq.load_vq`` (tests, notebooks).
     """
 
     def __init__(
@@ -672,8 +673,6 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
         """The VQ tokenizer (loaded from ``data.tokenizer`` once, in eval mode, on the CPU)."""
         if self._tok is None:
             self._check_tokenizer_file()
-            from glauber.vq import load_vq
-
             self._tok = load_vq(self._tokenizer_path())
         return self._tok
 
@@ -711,7 +710,7 @@ class ImageTokenDataModule(ShardedLoaders, L.LightningDataModule):
 
     def tokenizer_state(self) -> dict[str, Any]:
         """What a checkpoint needs to decode its samples without the data: the VQ checkpoint's path,
-        sha256 and token grid (``glauber.images.vq_of`` reloads and verifies it). Read from the cache's
+        sha256 and token grid (``glauber.eval.images.vq_of`` reloads and verifies it). Read from the cache's
         meta.json, so ranks that never decode do not load the VQ model."""
         meta = self._load_meta()
         path = self._tokenizer_path()

@@ -255,12 +255,12 @@ def diagnose_json_files(files: list[Path], field: str | None = None) -> None:
                 except json.JSONDecodeError as e:
                     raise BadCorpusError(
                         f"line {n} of {path} is not valid JSON ({e.msg} at column {e.colno}): fix or delete that line "
-                        f"(each line of a .jsonl file is one JSON object, e.g. {{\"{field or 'text'}\": \"...\"}})"
+                        f'(each line of a .jsonl file is one JSON object, e.g. {{"{field or "text"}": "..."}})'
                     ) from None
                 if not isinstance(row, dict):
                     raise BadCorpusError(
                         f"line {n} of {path} is a JSON {type(row).__name__}, not an object: each line must be one object "
-                        f"like {{\"{field or 'text'}\": \"...\"}}"
+                        f'like {{"{field or "text"}": "..."}}'
                     )
                 rows += 1
     if rows == 0:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from stats import tv_bound
 
 from glauber.config import load_config
-from glauber.exact import all_states, empirical_law, total_variation
+from glauber.core.exact import all_states, empirical_law, total_variation
 from glauber.methods import ARModule, MDLMModule
 
 V, L = 3, 6
@@ -194,7 +194,7 @@ def test_mdlm_infilling_keeps_the_clamped_positions(mdlm):
 # -- an AR checkpoint as the generative-perplexity judge --------------------------------------------------
 def test_ar_checkpoint_judge_equals_direct_computation(tmp_path):
     from data_modules.tokenizers import CharTokenizer
-    from glauber.judges import CheckpointJudge, evaluate_texts, load_judge
+    from glauber.eval.judges import CheckpointJudge, evaluate_texts, load_judge
 
     tok = CharTokenizer(list("abc"))
     module = ARModule(config("ar", "model.size=tiny"))
@@ -236,7 +236,7 @@ def test_ar_checkpoint_judge_equals_direct_computation(tmp_path):
 # -- end to end through the command line ------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["ar", "mdlm"])
 def test_cli_train_and_sample_each_baseline(tmp_path, method):
-    from glauber.cli import main
+    from glauber.commands.cli import main
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"Line {i}: the quick brown fox.\n" for i in range(200)))

@@ -12,8 +12,9 @@ import pytest
 import torch
 from corpus import corpus_overrides
 
-from glauber import cli
-from glauber.cli import main
+import glauber.commands.sample
+from glauber import files
+from glauber.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"  # L = 32
@@ -155,11 +156,11 @@ def test_unwritable_out_fails_before_loading_the_model(trained, tmp_path, capsys
     blocker.write_text("a file")
     out = {"file in the way": blocker / "s.txt", "folder": tmp_path, "proc": Path("/proc/glauber-test/s.txt")}[where]
     loaded = []
-    import glauber.evaluate
-    import glauber.inference
+    import glauber.commands.eval_ppl
+    import glauber.eval.inference
 
-    real = glauber.inference.load_checkpoint
-    for module in (glauber.inference, glauber.evaluate):
+    real = glauber.eval.inference.load_checkpoint
+    for module in (glauber.commands.sample, glauber.commands.eval_ppl):
         monkeypatch.setattr(module, "load_checkpoint", lambda *a, **k: loaded.append(a) or real(*a, **k))
     for argv in (
         ["sample", str(trained["ggm"]), "--out", str(out), "--device", "cpu"],
@@ -190,12 +191,10 @@ def test_train_run_dir_blocked_by_a_file_is_refused_at_start(tmp_path, capsys):
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, error, shown):
-    import glauber.inference
-
     def fail(args):
         raise error
 
-    monkeypatch.setattr(glauber.inference, "sample_command", fail)
+    monkeypatch.setattr(glauber.commands.sample, "run", fail)
     assert main(["sample", "x.ckpt"]) == 2
     assert capsys.readouterr().err == f"glauber sample: error: {shown}\n"
     monkeypatch.setenv("GLAUBER_DEBUG", "1")
@@ -206,7 +205,7 @@ def test_user_errors_exit_2_with_one_line_and_bugs_keep_their_traceback(monkeypa
     def bug(args):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(glauber.inference, "sample_command", bug)
+    monkeypatch.setattr(glauber.commands.sample, "run", bug)
     with pytest.raises(KeyError):
         main(["sample", "x.ckpt"])
 
@@ -218,8 +217,8 @@ def test_argparse_mistakes_return_2_instead_of_raising(capsys):
 
 
 def test_output_checks_leave_no_probe_files(tmp_path):
-    cli.check_output_file(tmp_path / "new" / "s.txt")
-    cli.check_output_dir(tmp_path / "run", "train.run_dir")
+    files.check_output_file(tmp_path / "new" / "s.txt")
+    files.check_output_dir(tmp_path / "run", "train.run_dir")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["new", "run"]
     shutil.rmtree(tmp_path / "new")
 
@@ -245,8 +244,8 @@ def test_nonsense_train_devices_is_refused_naming_the_key(tmp_path, capsys, valu
 
 # -- 9. a judge whose character vocabulary cannot encode the samples ---------------------------------------------------
 def test_a_char_judge_missing_characters_of_the_samples_is_refused_before_sampling(trained, tmp_path, capsys, monkeypatch):
-    import glauber.evaluate
-    from glauber.judges import load_judge
+    import glauber.commands.eval_ppl
+    from glauber.eval.judges import load_judge
 
     run = tmp_path / "judge"
     narrow = [f"data.source={tmp_path / 'narrow.txt'}", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -255,7 +254,7 @@ def test_a_char_judge_missing_characters_of_the_samples_is_refused_before_sampli
     judge_ckpt = run / "checkpoints" / "last.ckpt"
     capsys.readouterr()
     sampled = []
-    monkeypatch.setattr(glauber.evaluate, "generate", lambda *a, **k: sampled.append(a))
+    monkeypatch.setattr(glauber.commands.eval_ppl, "generate", lambda *a, **k: sampled.append(a))
     err = refused(["eval-ppl", str(trained["ggm"]), "--judge", f"ckpt:{judge_ckpt}", "--device", "cpu"], capsys)
     assert f"judge ckpt:{judge_ckpt} cannot score the samples of {trained['ggm']}" in err, err
     assert "lacks '0', '1', '2'" in err and "':', 'L', 'b'" in err and "more. Use a judge" in err and "gpt2-large" in err

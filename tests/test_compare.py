@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from glauber.cli import main
+from glauber.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from glauber.checkpoint import AtomicCheckpointIO, config_differences, scan_checkpoints
 from glauber.config import batch_layout, load_config
+from glauber.files import AtomicCheckpointIO
+from glauber.training.checkpoint import config_differences, scan_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ def test_shipped_configs_load_and_validate(name):
 
 
 def test_paper_setting_gives_4096_sampling_steps():
-    from glauber.schedule import GlauberSchedule
+    from glauber.core.schedule import GlauberSchedule
 
     cfg = load_config(ROOT / "experiments" / "owt.yaml")
     assert GlauberSchedule.from_config(cfg.schedule, cfg.data.seq_len).num_steps == 4096

@@ -1,5 +1,5 @@
 """Two-process DDP on CPU (gloo), the processes launched here the way torchrun/srun would (LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR/PORT set), each calling ``glauber.train.train`` on experiments/tiny.yaml.
+WORLD_SIZE, MASTER_ADDR/PORT set), each calling ``glauber.training.train.train`` on experiments/tiny.yaml.
 
 What "the same as one process" means: with the global batch fixed (4 = 2 ranks x 2), a 2-process run
 equals a 1-process run with gradient accumulation 2 in which micro-batch k of each step holds the
@@ -74,7 +74,7 @@ class Recorder(Callback):
         self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)  # the micro-batch's mean loss
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        from glauber.callbacks import GenerativePerplexityEval, ValidationSamples
+        from glauber.training.callbacks import GenerativePerplexityEval, ValidationSamples
 
         samples = next(cb for cb in trainer.callbacks if isinstance(cb, ValidationSamples))
         gen_ppl = next((cb for cb in trainer.callbacks if isinstance(cb, GenerativePerplexityEval)), None)
@@ -96,7 +96,7 @@ class Recorder(Callback):
 
 def _worker(out: str, args: list[str]) -> None:
     from glauber.config import load_config
-    from glauber.train import train
+    from glauber.training.train import train
 
     rec = Recorder()
     cfg = load_config(TINY, [*args, "train.accelerator=cpu", f"train.devices={WORLD}", "train.strategy=ddp"])
@@ -135,7 +135,7 @@ class InterleavedRanks(torch.utils.data.Sampler):
 
 def reference_run(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     """One process, accumulation 2 (micro batch 2), micro-batch k = rank k's data and seeds."""
-    import glauber.train as gt
+    import glauber.training.train as gt
     from data_modules.sampling import ResumableSampler
     from data_modules.text import TextDataModule
     from glauber.config import load_config
@@ -302,7 +302,7 @@ def test_ddp_only_rank_zero_writes(results):
 
 
 def test_rank_share_splits_every_sample_once():
-    from glauber.callbacks import rank_share
+    from glauber.training.callbacks import rank_share
 
     for total in range(0, 9):
         for world in range(1, 5):
@@ -314,7 +314,7 @@ def test_rank_share_splits_every_sample_once():
 @pytest.mark.parametrize("devices, nodes", [(1, 1), (2, 1), (4, 2), ("0,1", 2), (8, 4)])
 def test_global_batch_is_the_same_for_any_devices_and_nodes(devices, nodes):
     from glauber.config import batch_layout, load_config
-    from glauber.train import world_size
+    from glauber.training.train import world_size
 
     gpu = ["train.accelerator=gpu"] if devices == "0,1" else []  # device ids are GPU ids (a CPU run takes a count)
     cfg = load_config(

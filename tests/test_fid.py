@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import glauber.fid as fid
-from glauber.fid import compute_fid, feature_stats, frechet_distance, make_reference_stats
+import glauber.eval.fid as fid
+from glauber.commands import eval_fid
+from glauber.eval.fid import compute_fid, feature_stats, frechet_distance, make_reference_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "data" / "twemoji32.npz"
@@ -134,19 +135,19 @@ def test_eval_fid_command(tmp_path, tiny, capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
-    fid.add_eval_fid_parser(parser.add_subparsers(dest="command"))
+    eval_fid.add_parser(parser.add_subparsers(dest="command"))
     imgs = np.random.default_rng(0).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "real.npz", images=imgs[:15])
     np.savez(tmp_path / "gen.npz", images=imgs[15:])
     stats = tmp_path / "stats" / "real.npz"
-    fid.eval_fid_command(
+    eval_fid.run(
         parser.parse_args(["eval-fid", "--make-stats", str(tmp_path / "real.npz"), "--out", str(stats), "--route", "bundled"])
     )
     assert stats.is_file()
     out = tmp_path / "report.json"
     args = ["eval-fid", "--generated", str(tmp_path / "gen.npz"), "--reference", str(stats), "--out", str(out)]
-    fid.eval_fid_command(parser.parse_args(args))
+    eval_fid.run(parser.parse_args(args))
     report = json.loads(out.read_text())
     assert {"fid", "n_generated", "n_reference", "route", "mode"} <= set(report) and report["n_reference"] == 15
     with pytest.raises(ValueError, match="--generated .or --checkpoint. and --reference"):
-        fid.eval_fid_command(parser.parse_args(["eval-fid", "--generated", str(tmp_path / "gen.npz")]))
+        eval_fid.run(parser.parse_args(["eval-fid", "--generated", str(tmp_path / "gen.npz")]))

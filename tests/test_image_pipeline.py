@@ -39,7 +39,7 @@ def emoji_subset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_run(emoji_subset, tmp_path_factory, monkeypatch_module) -> Path:
-    from glauber.image_demo import image_demo_command
+    from glauber.commands import image_demo
 
     work = tmp_path_factory.mktemp("demo")
     monkeypatch_module.chdir(work)  # the cache directory is relative
@@ -49,7 +49,7 @@ def demo_run(emoji_subset, tmp_path_factory, monkeypatch_module) -> Path:
         num_fid=24, m=8, seed=0, temperature=1.0, top_p=1.0, vq_overrides=[*TINY_VQ, f"data={emoji_subset}"],
         overrides=[*TINY_GGM, f"data.source={emoji_subset}"],
     )  # fmt: skip
-    image_demo_command(args)
+    image_demo.run(args)
     return out
 
 
@@ -96,8 +96,8 @@ def test_demo_writes_report_grids_and_ordered_fids(demo_run):
 
 
 def test_infilling_keeps_the_clamped_tokens(demo_run):
-    from glauber.images import CheckpointImages, region_mask
-    from glauber.inference import load_checkpoint
+    from glauber.eval.images import CheckpointImages, region_mask
+    from glauber.eval.inference import load_checkpoint
 
     module = load_checkpoint(demo_run / "ggm" / "checkpoints" / "last.ckpt")
     imgs = CheckpointImages(module)
@@ -110,7 +110,7 @@ def test_infilling_keeps_the_clamped_tokens(demo_run):
 
 
 def test_eval_fid_from_checkpoint(demo_run):
-    from glauber.cli import main
+    from glauber.commands.cli import main
 
     report = demo_run / "fid_ckpt.json"
     rc = main([
@@ -124,7 +124,7 @@ def test_eval_fid_from_checkpoint(demo_run):
 
 
 def test_paper_image_configs_stop_at_once_naming_what_to_download(tmp_path, monkeypatch, capsys):
-    from glauber.cli import main
+    from glauber.commands.cli import main
 
     monkeypatch.chdir(tmp_path)  # no data/celeba_hq, no VQGAN checkpoint here
     for name, data in (("celeba_hq", "data/celeba_hq"), ("ffhq", "data/ffhq")):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from glauber.judges import HFJudge, evaluate_texts, token_bytes
+from glauber.eval.judges import HFJudge, evaluate_texts, token_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,7 +93,7 @@ def test_nll_per_byte_ranks_text_that_gen_ppl_per_token_misranks(judge_dir):
 
 
 def test_offline_hub_judge_error_says_how_to_pass_a_local_one(monkeypatch):
-    import glauber.judges as judges
+    import glauber.eval.judges as judges
 
     monkeypatch.setattr(judges, "hub_reachable", lambda timeout_s=3.0: False)
     with pytest.raises(ValueError, match="--judge /path/to/a/local/model_dir"):
@@ -103,7 +103,7 @@ def test_offline_hub_judge_error_says_how_to_pass_a_local_one(monkeypatch):
 def test_eval_ppl_command_end_to_end(judge_dir, tmp_path, capsys):
     import json
 
-    from glauber.cli import main
+    from glauber.commands.cli import main
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"Line {i}: the quick brown fox.\n" for i in range(200)))
@@ -147,7 +147,7 @@ def test_training_logs_gen_ppl_every_k_steps(judge_dir, tmp_path):
     from pathlib import Path
 
     from glauber.config import load_config
-    from glauber.train import train
+    from glauber.training.train import train
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"Line {i}: the quick brown fox.\n" for i in range(200)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from stats import tv_bound
 
-from glauber.exact import (
+from glauber.core.exact import (
     OracleDenoiser,
     all_states,
     empirical_law,
@@ -20,7 +20,7 @@ from glauber.exact import (
     sample_law,
     total_variation,
 )
-from glauber.loss import (
+from glauber.core.loss import (
     LOSS_NAMES,
     bayes_classifier,
     bayes_h,
@@ -32,10 +32,10 @@ from glauber.loss import (
     normalize_h,
     single_sample_loss,
 )
-from glauber.noise import NoiseLaw
-from glauber.process import noise_to, simulate_forward
-from glauber.sampler import glauber_sample, infill
-from glauber.schedule import GlauberSchedule
+from glauber.core.noise import NoiseLaw
+from glauber.core.process import noise_to, simulate_forward
+from glauber.core.sampler import glauber_sample, infill
+from glauber.core.schedule import GlauberSchedule
 
 L, V = 4, 3
 N = 200_000
@@ -316,7 +316,7 @@ def test_infilling_with_oracle_reproduces_exact_conditional_law(gen):
 
 
 def test_states_enumeration_matches_codes():
-    from glauber.exact import state_codes
+    from glauber.core.exact import state_codes
 
     s = all_states(L, V)
     assert torch.equal(state_codes(s, V), torch.arange(V**L))

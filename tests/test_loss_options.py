@@ -7,7 +7,7 @@ stay comparable, and that the loss is computed in float32 or wider under bf16 au
 import pytest
 import torch
 
-from glauber.loss import (
+from glauber.core.loss import (
     LOSS_NAMES,
     analytic_loss,
     cross_entropy_loss,
@@ -17,7 +17,7 @@ from glauber.loss import (
     time_weighted_loss,
     weighted_loss,
 )
-from glauber.noise import NoiseLaw
+from glauber.core.noise import NoiseLaw
 
 V, N = 7, 64
 

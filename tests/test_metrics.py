@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from glauber.metrics import GenerativePerplexity, UnigramEntropy, unigram_entropy
+from glauber.eval.metrics import GenerativePerplexity, UnigramEntropy, unigram_entropy
 
 V, EOS = 7, 6
 TABLE = torch.randn(V, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from glauber.ema import EMA
-from glauber.model import DDiT, ModelConfig
-from glauber.schedule import GlauberSchedule
+from glauber.core.schedule import GlauberSchedule
+from glauber.nn.ddit import DDiT, ModelConfig
+from glauber.nn.ema import EMA
 
 V, L, B = 11, 16, 3
 
@@ -155,7 +155,7 @@ def test_key_value_cache_decoding_equals_the_causal_forward():
 
 
 def test_learned_positions_break_translation_symmetry_and_check_length():
-    from glauber.model import DDiT, ModelConfig
+    from glauber.nn.ddit import DDiT, ModelConfig
 
     torch.manual_seed(0)
     net = DDiT(ModelConfig(size="tiny", dropout=0.0, learned_positions=8), vocab_size=5).eval()

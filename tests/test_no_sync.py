@@ -24,9 +24,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glauber.config import load_config
+from glauber.core.sampler import _reverse_steps
+from glauber.core.schedule import GlauberSchedule, trusted_inputs
 from glauber.methods.ggm import GGMModule
-from glauber.sampler import _reverse_steps
-from glauber.schedule import GlauberSchedule, trusted_inputs
 
 TINY = Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml"
 V = 6

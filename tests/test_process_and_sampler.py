@@ -6,11 +6,11 @@ import pytest
 import torch
 from stats import tv_bound
 
-from glauber.loss import analytic_loss, cross_entropy_loss, draw_step_noise, ggm_loss, single_sample_loss
-from glauber.noise import NoiseLaw
-from glauber.process import make_training_example, step_probs
-from glauber.sampler import draw_categorical, glauber_sample
-from glauber.schedule import GlauberSchedule
+from glauber.core.loss import analytic_loss, cross_entropy_loss, draw_step_noise, ggm_loss, single_sample_loss
+from glauber.core.noise import NoiseLaw
+from glauber.core.process import make_training_example, step_probs
+from glauber.core.sampler import draw_categorical, glauber_sample
+from glauber.core.schedule import GlauberSchedule
 
 
 def test_training_example_hides_exactly_S_t_and_targets_are_X_t():
@@ -173,7 +173,7 @@ def test_ggm_module_trains_on_weighted_steps_and_validates_the_sampler_condition
 
 
 def test_learning_rate_warms_up_linearly_then_follows_the_cosine_to_its_floor():
-    from glauber.optim import lr_factor
+    from glauber.nn.optim import lr_factor
 
     assert [lr_factor(s, 4, "cosine", 104, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(4, 4, "cosine", 104, 0.1) == 1.0  # the cosine starts at the peak

@@ -21,9 +21,9 @@ import pytest
 import torch
 from corpus import corpus_overrides
 
-from glauber.cli import main
+from glauber.commands.cli import main
 from glauber.config import load_config
-from glauber.train import train
+from glauber.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -114,7 +114,14 @@ def test_no_loadable_checkpoint_is_refused_not_restarted(shared, run3):
 
 # -- 2. one training per run directory --------------------------------------------------------------------
 def test_second_training_on_a_run_dir_is_refused_and_a_killed_run_leaves_no_stale_lock(shared, run3, capsys):
-    args = [sys.executable, "-m", "glauber.cli", "train", str(TINY), *tiny(shared, run3, 100_000, "train.progress_bar=false")]
+    args = [
+        sys.executable,
+        "-m",
+        "glauber.commands.cli",
+        "train",
+        str(TINY),
+        *tiny(shared, run3, 100_000, "train.progress_bar=false"),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -189,7 +196,7 @@ def test_signal_saves_last_ckpt_at_a_step_boundary_and_exits_nonzero(shared, str
     run = tmp_path / "run"
     # one thread in every run (the subprocess, the straight and the resumed one): the same float summation
     overrides = tiny(shared, run, SIGNAL_STEPS, "train.ckpt_every_steps=5", "train.threads=1")
-    args = [sys.executable, "-m", "glauber.cli", "train", str(TINY), *overrides]
+    args = [sys.executable, "-m", "glauber.commands.cli", "train", str(TINY), *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

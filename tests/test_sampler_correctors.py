@@ -9,7 +9,7 @@ import pytest
 import torch
 from stats import tv_bound
 
-from glauber.exact import (
+from glauber.core.exact import (
     OracleDenoiser,
     empirical_law,
     law_at,
@@ -19,9 +19,9 @@ from glauber.exact import (
     sample_law,
     total_variation,
 )
-from glauber.noise import NoiseLaw
-from glauber.sampler import glauber_correct, glauber_sample, infill
-from glauber.schedule import GlauberSchedule
+from glauber.core.noise import NoiseLaw
+from glauber.core.sampler import glauber_correct, glauber_sample, infill
+from glauber.core.schedule import GlauberSchedule
 
 L, V = 4, 3
 N = 200_000
@@ -237,7 +237,7 @@ def test_another_K_runs_the_network_on_that_schedules_signal_levels():
 
 
 def test_cli_sweep_options_are_documented_and_validated(capsys):
-    from glauber.cli import build_parser
+    from glauber.commands.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["sample", "x.ckpt", "--sweeps", "8", "--corrector-sweeps", "2"])

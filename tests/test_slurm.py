@@ -19,7 +19,7 @@ import pytest
 import torch
 from slurm_cluster import LocalSlurm
 
-from glauber.slurm import TEMPLATE, SlurmJob, add_slurm_parser, render, slurm_command
+from glauber.commands.slurm import TEMPLATE, SlurmJob, add_parser, render, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -30,10 +30,10 @@ STEPS = 30
 def glauber_slurm(argv: list[str]) -> str:
     """What ``glauber slurm ARGV`` prints (the subcommand as cli.py wires it)."""
     parser = argparse.ArgumentParser(prog="glauber")
-    add_slurm_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        slurm_command(parser.parse_args(["slurm", *argv]))
+        run(parser.parse_args(["slurm", *argv]))
     return out.getvalue()
 
 
@@ -90,9 +90,9 @@ def test_bad_layouts_and_configs_are_refused_before_submitting(tmp_path):
 
 
 def test_checkpoint_bookkeeping_for_requeued_runs(tmp_path, monkeypatch):
-    from glauber.callbacks import hpc_checkpoints, trim_metrics_csv
     from glauber.config import load_config
-    from glauber.train import resume_path
+    from glauber.training.callbacks import hpc_checkpoints, trim_metrics_csv
+    from glauber.training.train import resume_path
 
     for n in (10, 9, 2):
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"")
@@ -200,8 +200,8 @@ def test_slurm_job_trains_to_the_end(straight):
     run, job, info = straight["run"], straight["job"], straight["info"]
     log = log_of(run, job)
     assert info["ExitCode"] == "0:0" and info.get("Restarts") == "0", info
-    assert f"[glauber.slurm] job {job} start" in log and "srun exited 0" in log
-    assert "[glauber.train] starting at global step 0 of 30; 1 node(s) x 2 device(s) = 2 process(es)" in log
+    assert f"[glauber.commands.slurm] job {job} start" in log and "srun exited 0" in log
+    assert "[glauber.training.train] starting at global step 0 of 30; 1 node(s) x 2 device(s) = 2 process(es)" in log
     assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == STEPS
     assert (run / "job.sbatch").is_file() and not list(run.glob("hpc_ckpt_*.ckpt"))
     assert (run / "samples" / "step_00000030.txt").read_text().count("--- sample") == 1
@@ -231,11 +231,11 @@ def test_slurm_requeue_resumes_from_its_checkpoint(cluster, data, straight, tmp_
     saved_at = _state(hpc)["global_step"]
     assert 5 <= saved_at < STEPS
     # the first start, the checkpoint + requeue, the second start resuming from it, the end
-    first, second = log.split(f"[glauber.slurm] job {job} start", 2)[1:]
+    first, second = log.split(f"[glauber.commands.slurm] job {job} start", 2)[1:]
     assert "restart 0" in first[:40] and "restart 1" in second[:40]
-    assert f"[glauber.slurm] step {saved_at}: saved {hpc}; requeued job {job}, stopping" in first
+    assert f"[glauber.commands.slurm] step {saved_at}: saved {hpc}; requeued job {job}, stopping" in first
     assert f"Restoring states from the checkpoint path at {hpc}" in second
-    assert f"[glauber.train] resumed from {hpc} at global step {saved_at} of {STEPS}" in second
+    assert f"[glauber.training.train] resumed from {hpc} at global step {saved_at} of {STEPS}" in second
     assert "srun exited 0" in second
     # same final step, same weights and EMA as the job that ran straight through
     a, b = _state(straight["run"] / "checkpoints" / "last.ckpt"), _state(run / "checkpoints" / "last.ckpt")

@@ -1,6 +1,6 @@
 """Known-answer check 5 of METHOD.md: a TRAINED network's samples approach the data law.
 
-GGM (each loss in ``glauber.loss.LOSS_NAMES``) and the AR and MDLM baselines are trained the same way
+GGM (each loss in ``glauber.core.loss.LOSS_NAMES``) and the AR and MDLM baselines are trained the same way
 (same tiny DDiT, steps, batch, learning rate, fresh draws of the data law) through the project's own
 loop: the method's LightningModule (``training_step``, ``configure_optimizers``: AdamW with warm-up and
 cosine decay, gradient clipping) fitted by a Lightning Trainer on the CPU. Each then draws ``N``
@@ -50,9 +50,9 @@ import pytest
 import torch
 from torch import Tensor
 
-import glauber.loss
+import glauber.core.loss
 from glauber.config import load_config
-from glauber.exact import (
+from glauber.core.exact import (
     OracleDenoiser,
     all_states,
     empirical_law,
@@ -72,7 +72,7 @@ SWEEPS = 3  # GGM's K: T = 18 sampling steps
 N_SAMPLES = 4000
 SAMPLE_CHUNK = 2000  # the CPU samples faster in chunks that stay in cache
 MODEL_ALLOWANCE = 0.12
-LOSS_NAMES = getattr(glauber.loss, "LOSS_NAMES", ("analytic", "cross_entropy"))
+LOSS_NAMES = getattr(glauber.core.loss, "LOSS_NAMES", ("analytic", "cross_entropy"))
 SLOW_TO_LEARN = {"single_sample": "one drawn z per position: needs about five times these steps (see the docstring)"}
 LOSS_CASES = [  # strict: a loss in SLOW_TO_LEARN that passes makes its note stale
     pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=SLOW_TO_LEARN[name])) if name in SLOW_TO_LEARN else name

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from glauber.cli import main
+from glauber.commands.cli import main
 from glauber.config import load_config
-from glauber.inference import checkpoint_tokenizer, load_checkpoint
-from glauber.train import train
+from glauber.eval.inference import checkpoint_tokenizer, load_checkpoint
+from glauber.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
@@ -66,7 +66,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     args = [
         sys.executable,
         "-m",
-        "glauber.cli",
+        "glauber.commands.cli",
         "train",
         str(TINY),
         *tiny_overrides(tmp_path, "killed", 12),
@@ -101,10 +101,12 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
 
 
 def test_cli_help_train_sample_and_infill(tmp_path, capsys):
-    out = subprocess.run([sys.executable, "-m", "glauber.cli", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "glauber.commands.cli", "--help"], capture_output=True, text=True).stdout
     for word in ("train", "sample", "demo", "bench", "config-help"):
         assert word in out
-    out = subprocess.run([sys.executable, "-m", "glauber.cli", "sample", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "glauber.commands.cli", "sample", "--help"], capture_output=True, text=True
+    ).stdout
     for opt in ("--num", "--m", "--prefix", "--suffix", "--temperature", "--top-p", "--out", "--seed"):
         assert opt in out
     assert main(["config-help"]) == 0

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from glauber.exact import OracleDenoiser, random_law
-from glauber.loss import analytic_loss, ggm_loss, log_odds
-from glauber.noise import NoiseLaw
-from glauber.process import make_training_example, noise_to
-from glauber.sampler import draw_categorical, glauber_sample, infill
-from glauber.schedule import GlauberSchedule, ScheduleConfig
+from glauber.core.exact import OracleDenoiser, random_law
+from glauber.core.loss import analytic_loss, ggm_loss, log_odds
+from glauber.core.noise import NoiseLaw
+from glauber.core.process import make_training_example, noise_to
+from glauber.core.sampler import draw_categorical, glauber_sample, infill
+from glauber.core.schedule import GlauberSchedule, ScheduleConfig
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from glauber.train_vq import VQTrainModule, load_vq_train_config, train_vq_command
-from glauber.vq import CONFIG_MISMATCH_HINT, VQConfig, VQModel, codebook_usage, load_vq, save_vq
+from glauber.commands import train_vq as train_vq_command
+from glauber.nn.vq import CONFIG_MISMATCH_HINT, VQConfig, VQModel, codebook_usage, load_vq, save_vq
+from glauber.training.train_vq import VQTrainModule, load_vq_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,7 +316,7 @@ def test_train_vq_command_writes_a_loadable_tokenizer(tmp_path):
         ],
     )
     threads = torch.get_num_threads()
-    train_vq_command(args)
+    train_vq_command.run(args)
     assert torch.get_num_threads() == threads  # the caller's thread count is restored (it changes float sums)
     ckpt = torch.load(run_dir / "vq.ckpt", weights_only=False)
     assert set(ckpt) >= {"vq_config", "state_dict", "train_config", "codebook_usage", "image_size"}

@@ -17,9 +17,11 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 from data_modules.images import ImageDataConfig
 from data_modules.text import TextDataConfig
-from glauber.loss import LOSS_NAMES
-from glauber.model import ModelConfig
-from glauber.schedule import ScheduleConfig
+from glauber.core.loss import LOSS_NAMES
+from glauber.core.process import STEP_WEIGHTINGS
+from glauber.core.schedule import GlauberSchedule, ScheduleConfig
+from glauber.methods import METHODS
+from glauber.nn.ddit import ModelConfig
 
 
 @dataclass
@@ -249,8 +251,6 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks that the types alone cannot express."""
-    from glauber.schedule import GlauberSchedule
-
     L = cfg.data.seq_len
     GlauberSchedule.from_config(cfg.schedule, L)  # raises on bad schedule options
     for m in cfg.process.train_positions_per_step:
@@ -260,12 +260,8 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"process.noise must be 'uniform' or 'unigram' (got {cfg.process.noise!r})")
     if cfg.process.loss not in LOSS_NAMES:
         raise ValueError(f"process.loss must be one of {', '.join(LOSS_NAMES)} (got {cfg.process.loss!r})")
-    from glauber.process import STEP_WEIGHTINGS
-
     if cfg.process.step_weighting not in STEP_WEIGHTINGS:
         raise ValueError(f"process.step_weighting must be one of {STEP_WEIGHTINGS} (got {cfg.process.step_weighting!r})")
-    from glauber.methods import METHODS
-
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)} (got {cfg.method!r})")
     s = cfg.sample
@@ -404,3 +400,16 @@ def with_defaults(saved: dict) -> dict:
 
 def to_dataclass(cfg: DictConfig) -> ExperimentConfig:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def sample_options(cfg: DictConfig) -> dict[str, Any]:
+    """The ``sample`` section as the keyword options of ``module.sample``."""
+    s = cfg.sample
+    return {
+        "positions_per_step": s.positions_per_step,
+        "sweeps": s.sweeps,
+        "corrector_sweeps": s.corrector_sweeps,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "float64": s.float64,
+    }

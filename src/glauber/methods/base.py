@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from glauber.ema import EMA
-from glauber.model import DDiT, ModelConfig
-from glauber.optim import adamw_with_schedule
+from glauber.nn.ddit import DDiT, ModelConfig
+from glauber.nn.ema import EMA
+from glauber.nn.optim import adamw_with_schedule
 
 NUM_BUCKETS = 10  # validation loss is also reported per tenth of the noise time, when a method has one
 

@@ -10,12 +10,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from glauber.loss import cross_entropy_loss, ggm_loss, uses_normalized_classifier
+from glauber.core.loss import cross_entropy_loss, ggm_loss, uses_normalized_classifier
+from glauber.core.noise import NoiseLaw
+from glauber.core.process import check_batch, make_training_example, step_probs
+from glauber.core.sampler import Denoiser, glauber_sample, infill
+from glauber.core.schedule import GlauberSchedule, check_count, trusted_inputs
 from glauber.methods.base import DiffusionModule
-from glauber.noise import NoiseLaw
-from glauber.process import check_batch, make_training_example, step_probs
-from glauber.sampler import Denoiser, glauber_sample, infill
-from glauber.schedule import GlauberSchedule, check_count, trusted_inputs
 
 
 class GGMModule(DiffusionModule):

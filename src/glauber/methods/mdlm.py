@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from glauber.core.sampler import clamped_start, draw_categorical
 from glauber.methods.base import DiffusionModule
-from glauber.sampler import clamped_start, draw_categorical
 
 
 class MDLMModule(DiffusionModule):

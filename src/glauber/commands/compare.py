@@ -24,7 +24,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from glauber.plots import plot_budgets, plot_comparison, plot_val_nll
+from data_modules.text import TextDataModule
+from glauber.config import load_config
+from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
+from glauber.eval.judges import evaluate_texts, load_judge
+from glauber.eval.plots import plot_budgets, plot_comparison, plot_val_nll
+from glauber.training.train import train
 
 # name -> config overrides; every other key comes from the shared config
 METHOD_OVERRIDES: dict[str, list[str]] = {
@@ -60,9 +65,7 @@ class Row:
     num_samples: int
 
 
-def row_of(
-    method: str, budget: int, nfe: float, nominal_nfe: float, setting: str, res: dict[str, Any], seconds: float
-) -> Row:
+def row_of(method: str, budget: int, nfe: float, nominal_nfe: float, setting: str, res: dict[str, Any], seconds: float) -> Row:
     return Row(
         method,
         budget,
@@ -90,7 +93,7 @@ def supervised_tokens_per_sequence(cfg: DictConfig) -> float:
     return sum(sizes) / len(sizes)
 
 
-def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="train GGM and its baselines with one budget and compare their samples",
@@ -139,8 +142,6 @@ def parse_budgets(text: str | None) -> list[int] | None:
 def method_config(config: str, name: str, out: Path, overrides: list[str], budgets: list[int] | None = None) -> DictConfig:
     """One method's config: the shared one, the overrides, the method's own keys and, with budgets, training
     to the largest budget with a checkpoint at each (every gcd of the budgets)."""
-    from glauber.config import load_config
-
     if name not in METHOD_OVERRIDES:
         raise ValueError(f"--methods: unknown method {name!r} (choose from {', '.join(METHOD_OVERRIDES)})")
     extra = [f"train.max_steps={budgets[-1]}", f"train.ckpt_every_steps={math.gcd(*budgets)}"] if budgets else []
@@ -161,8 +162,6 @@ def budget_checkpoint(run_dir: Path, budget: int, max_steps: int) -> Path:
 
 def train_method(cfg: DictConfig, run_dir: Path) -> float:
     """Train (or finish training) one method; returns the training wall time, kept across re-runs."""
-    from glauber.train import train
-
     record = run_dir / "train_time.json"
     done = json.loads(record.read_text()) if record.is_file() else None
     if done and done.get("max_steps") == cfg.train.max_steps:
@@ -198,8 +197,6 @@ def real_text(cfg: DictConfig, num: int) -> tuple[list[str], torch.Tensor]:
     """``num`` held-out sequences spread evenly over the validation split: texts and token ids."""
     from omegaconf import OmegaConf
 
-    from data_modules.text import TextDataModule
-
     dm = TextDataModule(OmegaConf.to_object(cfg.data), batch_size=1)
     dm.prepare_data()
     dm.setup("validate")
@@ -212,9 +209,6 @@ def real_text(cfg: DictConfig, num: int) -> tuple[list[str], torch.Tensor]:
 
 
 def run_compare(args: argparse.Namespace) -> list[Row]:
-    from glauber.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
-    from glauber.judges import evaluate_texts, load_judge
-
     out = Path(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -364,5 +358,5 @@ def results_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_command(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     run_compare(args)

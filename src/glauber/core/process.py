@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glauber.noise import NoiseLaw
-from glauber.schedule import GlauberSchedule, checks_enabled, trusted_inputs
+from glauber.core.noise import NoiseLaw
+from glauber.core.schedule import GlauberSchedule, checks_enabled, trusted_inputs
 
 
 def check_token_ids(x: Tensor, vocab_size: int, name: str = "tokens") -> None:

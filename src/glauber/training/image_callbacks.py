@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from glauber.images import CheckpointImages, region_mask, save_grid, show_mask
+from glauber.config import sample_options
+from glauber.eval.fid import compute_fid
+from glauber.eval.images import CheckpointImages, region_mask, save_grid, show_mask
 
 
 def image_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    from glauber.train import sample_options
-
     callbacks: list[Callback] = [ImageSamples(run_dir, cfg.sample.num_samples, sample_options(cfg), cfg.image.infill_region)]
     if cfg.image.fid_every_steps > 0:
         callbacks.append(FIDEval(run_dir, cfg.image.fid_every_steps, cfg.image.fid_num_samples, cfg.image, sample_options(cfg)))
@@ -77,8 +77,6 @@ class FIDEval(Callback):
         self._last = step
         if not trainer.is_global_zero:
             return
-        from glauber.fid import compute_fid
-
         imgs = _images(trainer, pl_module)
         reference = self.image_cfg.fid_reference or trainer.datamodule.cfg.source
         ids = imgs.sample_ids(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -105,39 +104,3 @@ def generate(
                 module.sample(b, template=template.expand(b, -1), clamp_mask=clamp, generator=gen, progress=progress, **options)
             )
     return torch.cat(out).cpu()
-
-
-def sample_command(args: argparse.Namespace) -> None:
-    from glauber.cli import check_output_file, check_positions_per_step
-
-    check_output_file(args.out, "--out")  # before the minutes of loading and sampling
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
-    if args.suffix and module.cfg.method == "ar":
-        raise ValueError(
-            f"--suffix: {args.checkpoint} is an autoregressive (AR) model, which draws left to right and can only "
-            "condition on a prefix (--prefix): the suffix would be pasted after tokens that never saw it. Infill "
-            "with a GGM or MDLM checkpoint, or drop --suffix"
-        )
-    check_positions_per_step(args.m, module, "--m")
-    tok = checkpoint_tokenizer(module)
-    options = {
-        "positions_per_step": args.m,
-        "sweeps": args.sweeps,
-        "corrector_sweeps": args.corrector_sweeps,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "float64": not args.float32,
-    }
-    template = clamp = None
-    if args.prefix or args.suffix:
-        template, clamp = infill_template(tok, module.cfg.data.seq_len, module.cfg.data.wrap, args.prefix, args.suffix)
-    ids = generate(module, args.num, args.batch_size, args.seed, template, clamp, **options)
-    texts = [tok.decode(row.tolist()) for row in ids]
-    body = format_samples(texts)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(body)
-        print(f"wrote {len(texts)} samples to {args.out}")
-    else:
-        print(body)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from glauber.loss import bayes_h
-from glauber.noise import NoiseLaw
-from glauber.schedule import GlauberSchedule
+from glauber.core.loss import bayes_h
+from glauber.core.noise import NoiseLaw
+from glauber.core.schedule import GlauberSchedule
 
 
 def all_states(L: int, V: int) -> Tensor:

@@ -31,8 +31,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
+from data_modules.images import ImageTokenDataModule
 from data_modules.text import TextDataModule
-from glauber.callbacks import (
+from glauber.config import batch_layout, sample_options
+from glauber.eval.plots import plot_loss_curves
+from glauber.files import AtomicCheckpointIO, atomic_write, remove_partial_files
+from glauber.methods import method_class
+from glauber.training.callbacks import (
     AtStepBoundary,
     GenerativePerplexityEval,
     LossByNoisePlot,
@@ -41,21 +46,16 @@ from glauber.callbacks import (
     Throughput,
     ValidationSamples,
 )
-from glauber.checkpoint import (
-    AtomicCheckpointIO,
+from glauber.training.checkpoint import (
     CheckpointScan,
-    atomic_write,
     check_compatible,
     load_lazily,
     move_aside,
-    remove_partial_files,
     run_history,
     run_lock,
     scan_checkpoints,
 )
-from glauber.config import batch_layout
-from glauber.methods import method_class
-from glauber.plots import plot_loss_curves
+from glauber.training.image_callbacks import image_callbacks
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -76,8 +76,6 @@ def build_datamodule(cfg: DictConfig, per_device: int, accumulate: int) -> L.Lig
     """The text DataModule, or the VQ-token image DataModule for ``modality: image`` configs."""
     max_train = cfg.train.max_steps * accumulate * per_device
     if cfg.get("modality", "text") == "image":
-        from data_modules.images import ImageTokenDataModule
-
         return ImageTokenDataModule(OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=max_train)
     return TextDataModule(OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=max_train)
 
@@ -85,8 +83,6 @@ def build_datamodule(cfg: DictConfig, per_device: int, accumulate: int) -> L.Lig
 def sample_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """What is written at validation: decoded text samples, or decoded image grids (+ FID) for images."""
     if cfg.get("modality", "text") == "image":
-        from glauber.image_callbacks import image_callbacks
-
         return image_callbacks(cfg, run_dir)
     return [ValidationSamples(run_dir, cfg.sample.num_samples, sample_options(cfg))]
 
@@ -184,18 +180,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
     )
 
 
-def sample_options(cfg: DictConfig) -> dict[str, Any]:
-    s = cfg.sample
-    return {
-        "positions_per_step": s.positions_per_step,
-        "sweeps": s.sweeps,
-        "corrector_sweeps": s.corrector_sweeps,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "float64": s.float64,
-    }
-
-
 def resume_path(cfg: DictConfig, run_dir: Path, scan: CheckpointScan | None = None) -> Path | None:
     """The checkpoint to continue from: ``auto`` = ``scan``'s newest checkpoint that loads (None on a first
     start: we never pass Lightning's ``"hpc"``, which fails when there is none yet); ``never`` = None; else
@@ -244,7 +228,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, ckpt: Path | None, scan: Che
 
 
 def say(message: str) -> None:
-    print(f"[glauber.train] {message}", file=sys.stderr, flush=True)
+    print(f"[glauber.training.train] {message}", file=sys.stderr, flush=True)
 
 
 class TrainingDiverged(ValueError):
@@ -334,7 +318,7 @@ class StopOnSignal(AtStepBoundary):
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         os.write(
             sys.stderr.fileno(),
-            f"[glauber.train] {signal.Signals(signum).name}: saving last.ckpt at the end of this optimizer step, "
+            f"[glauber.training.train] {signal.Signals(signum).name}: saving last.ckpt at the end of this optimizer step, "
             "then stopping (send it again to stop at once, without saving)\n".encode(),
         )
 

@@ -25,9 +25,7 @@ upwards; report ``n_generated``/``n_reference`` with every number.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import platform
 import socket
@@ -42,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.images import _resolve, fit_image, open_source
+
 NVIDIA_FILE = "inception-2015-12-05.pt"
 BUNDLED_FILE = "default_1.pt"
 ROUTES = ("auto", "bundled", "clean-fid")
@@ -52,7 +52,7 @@ INCEPTION_HOST = ("nvlabs-fi-cdn.nvidia.com", 443)  # clean-fid's Inception weig
 
 
 def _say(msg: str) -> None:
-    print(f"[glauber.fid] {msg}", file=sys.stderr, flush=True)
+    print(f"[glauber.eval.fid] {msg}", file=sys.stderr, flush=True)
 
 
 def _reachable(host: tuple[str, int], timeout_s: float = 3.0) -> bool:
@@ -266,8 +266,6 @@ def array_features(
 
 def _local_path(ref: str) -> Path | None:
     """The file or folder ``ref`` names (relative: the working directory, then the project root), or None."""
-    from data_modules.images import _resolve
-
     if ref.startswith("hf:"):
         return None
     try:
@@ -317,8 +315,6 @@ def source_features(
     ``images``, an image folder or ``.zip``, or ``hf:NAME[:split]``. ``image_size``: crop and resize
     them first like ``data_modules.images`` does for training (else their own size; clean-fid reads
     folders and zips itself)."""
-    from data_modules.images import fit_image, open_source
-
     device = _default_device(device)
     model, info = feature_extractor(route, device, mode, inception_weights)
     desc = "FID features"
@@ -481,150 +477,3 @@ def make_reference_stats(
         np.savez(f, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in record.items()})
     os.replace(tmp, out)
     return {**record, "inception": info["inception"], "out": str(out)}
-
-
-# -- command line ---------------------------------------------------------------------------------------
-def add_eval_fid_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from glauber.cli import _int_at_least
-
-    p = sub.add_parser(
-        "eval-fid",
-        help="FID of generated images against reference images or statistics (clean-fid protocol)",
-        description="FID with clean-fid's 'clean' resizing and the 2015 Inception-v3. Either --generated and "
-        "--reference, or --make-stats SRC --out stats.npz to save reference statistics once.",
-    )
-    p.add_argument("--generated", default=None, help="generated images: a folder, .zip, or .npz with 'images' uint8 [N,H,W,3]")
-    p.add_argument("--checkpoint", default=None, help="or sample the generated images from this image-model checkpoint")
-    p.add_argument(
-        "--num-samples", type=_int_at_least(2), default=1000, help="with --checkpoint: images to sample (default 1000)"
-    )
-    p.add_argument("--m", type=_int_at_least(1), default=None, help="with --checkpoint (GGM): positions per network call")
-    p.add_argument("--steps", type=_int_at_least(1), default=None, help="with --checkpoint (MDLM): denoising steps")
-    p.add_argument("--seed", type=int, default=0, help="with --checkpoint: sampling seed (default 0)")
-    p.add_argument("--sample-batch-size", type=_int_at_least(1), default=250, help="with --checkpoint: images drawn at once")
-    p.add_argument(
-        "--reference",
-        default=None,
-        help="a folder / .zip / .npz of images, hf:NAME[:split], a statistics .npz (from --make-stats), "
-        "or a clean-fid name such as ffhq:256:trainval70k (downloaded once)",
-    )
-    p.add_argument("--make-stats", default=None, metavar="SRC", help="write the statistics of the images in SRC to --out")
-    p.add_argument(
-        "--route", default="auto", choices=ROUTES, help="Inception weights: clean-fid's file, the bundled copy, or auto"
-    )
-    p.add_argument("--mode", default="clean", choices=MODES, help="clean-fid mode (default clean)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH", help=f"a local copy of clean-fid's {NVIDIA_FILE}")
-    p.add_argument(
-        "--image-size", type=_int_at_least(1), default=None, help="centre-crop and resize images to this size first (as training)"
-    )
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per Inception call (default 64)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading and resizing (default 0)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", default=None, help="the JSON report (or, with --make-stats, the statistics .npz)")
-    return p
-
-
-IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp", ".npy"}  # clean-fid's
-
-
-def check_image_folder(ref: Any, option: str) -> None:
-    """Refuse, naming ``option`` and the folder, an image folder holding fewer than the 2 images FID needs
-    (empty, or only other files), before any network is loaded or image read; other sources (.zip, .npz,
-    ``hf:``, clean-fid statistics names, arrays) are checked where they are read."""
-    if not isinstance(ref, (str, Path)):
-        return
-    path = _local_path(str(ref))
-    if path is None or not path.is_dir():
-        return
-    images = []
-    for f in path.rglob("*"):
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-            images.append(f)
-            if len(images) == 2:
-                return
-    what = "is empty" if not any(path.iterdir()) else f"holds {len(images) or 'no'} image file{'' if len(images) == 1 else 's'}"
-    raise ValueError(
-        f"{option} {ref}: the folder {what} (FID needs at least 2 images; read: "
-        f"{', '.join(sorted(IMAGE_SUFFIXES))}, in subfolders too): point {option} at the images"
-    )
-
-
-def eval_fid_command(args: argparse.Namespace) -> dict[str, Any]:
-    from glauber.cli import check_output_file
-
-    for ref, option in ((args.generated, "--generated"), (args.reference, "--reference"), (args.make_stats, "--make-stats")):
-        check_image_folder(ref, option)
-    check_output_file(args.out, "--out")
-    common = {
-        "route": args.route,
-        "mode": args.mode,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "num_workers": args.num_workers,
-        "inception_weights": args.inception_weights,
-        "verbose": True,
-    }
-    if args.make_stats:
-        if not args.out:
-            raise ValueError("--make-stats needs --out stats.npz")
-        report = make_reference_stats(args.make_stats, args.out, **common)
-        print(json.dumps(report, indent=1))
-        return report
-    if args.checkpoint:
-        return _eval_checkpoint(args, common)
-    if not args.generated or not args.reference:
-        raise ValueError("eval-fid needs --generated (or --checkpoint) and --reference (or --make-stats SRC --out stats.npz)")
-    report = compute_fid(args.generated, args.reference, **common)
-    report["generated"] = str(args.generated)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-    return report
-
-
-def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
-    """Sample ``--num-samples`` images from an image checkpoint (EMA weights, float64 draws), decode them
-    with its VQ tokenizer and measure FID; the reference defaults to the run's ``image.fid_reference``
-    or its training images."""
-    from glauber.images import CheckpointImages, save_grid
-    from glauber.inference import load_checkpoint
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_checkpoint(args.checkpoint, device)
-    if module.cfg.get("modality", "text") != "image":
-        raise ValueError(f"{args.checkpoint} is a text model: eval-fid needs an image checkpoint (or --generated)")
-    from glauber.cli import check_positions_per_step
-
-    check_positions_per_step(args.m, module, "--m")
-    if not args.reference:  # the run's default reference, checked before the minutes of sampling
-        default = module.cfg.image.fid_reference or module.cfg.data.source
-        check_image_folder(default, "--reference (default: the run's image.fid_reference or data.source)")
-    imgs = CheckpointImages(module)
-    given = {"positions_per_step": args.m, "steps": args.steps}
-    options = {k: v for k, v in given.items() if v is not None} | {"float64": True}
-    ids = imgs.sample_ids(args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, **options)
-    images = imgs.decode(ids)
-    reference = args.reference or module.cfg.image.fid_reference or module.cfg.data.source
-    common = {**common, "image_size": common["image_size"] or module.cfg.data.image_size}
-    report = compute_fid(images, reference, **common)
-    report.update(
-        {
-            "checkpoint": str(args.checkpoint),
-            "method": module.cfg.method,
-            "network_calls": module.network_calls(**options),
-            "num_samples": args.num_samples,
-            "seed": args.seed,
-            "final_draw": "float64",
-            **{k: v for k, v in given.items() if v is not None},
-        }
-    )
-    print(json.dumps(report, indent=1))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-        save_grid(images[:64], out.with_suffix(".samples.png"), ncol=8)
-    return report

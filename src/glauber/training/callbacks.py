@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from glauber.inference import format_samples
-from glauber.plots import plot_loss_by_noise
+from glauber.eval.inference import format_samples
+from glauber.eval.judges import evaluate_texts, load_judge
+from glauber.eval.plots import plot_loss_by_noise
 
 
 class Throughput(Callback):
@@ -117,8 +118,6 @@ class GenerativePerplexityEval(Callback):
             return
         self._last = step
         import json
-
-        from glauber.judges import evaluate_texts, load_judge
 
         judge = load_judge(self.judge_name, str(pl_module.device))
         ids = draw_share(pl_module, trainer, self.num, pl_module.cfg.train.seed + 999, {**self.options, "float64": True})
@@ -220,7 +219,7 @@ class SlurmRequeue(AtStepBoundary):
             except (OSError, subprocess.SubprocessError) as e:
                 ok, why = False, str(e)
             print(
-                f"[glauber.slurm] step {trainer.global_step}: saved {path}; "
+                f"[glauber.commands.slurm] step {trainer.global_step}: saved {path}; "
                 + (f"requeued job {job}, stopping" if ok else f"scontrol requeue {job} failed ({why}): training on"),
                 file=sys.stderr,
                 flush=True,
@@ -262,7 +261,7 @@ def trim_metrics_csv(path: Path, step: int) -> int:
 
 
 class RunInfo(Callback):
-    """At the start of fitting, rank 0 says where the run stands (``[glauber.train] ...`` on stderr: in a SLURM
+    """At the start of fitting, rank 0 says where the run stands (``[glauber.training.train] ...`` on stderr: in a SLURM
     log this shows each requeued job resuming), trims the CSV metrics of a resumed run to the rows before its
     checkpoint (``trim_metrics_csv``), and deletes SLURM ``hpc_ckpt_*.ckpt`` files older than the newest one
     (each is a full checkpoint; Lightning never removes them)."""
@@ -277,7 +276,7 @@ class RunInfo(Callback):
         where = f"resumed from {self.resumed_from} at" if self.resumed_from else "starting at"
         W = trainer.world_size
         print(
-            f"[glauber.train] {where} global step {trainer.global_step} of {trainer.max_steps}; "
+            f"[glauber.training.train] {where} global step {trainer.global_step} of {trainer.max_steps}; "
             f"{trainer.num_nodes} node(s) x {trainer.num_devices} device(s) = {W} process(es); global batch "
             f"{self.per_device * self.accumulate * W} = {self.per_device} per device x {self.accumulate} accumulation x {W}",
             file=sys.stderr,

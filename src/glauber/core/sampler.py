@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from glauber.loss import denoising_logits
-from glauber.noise import NoiseLaw
-from glauber.process import check_token_ids, noise_to
-from glauber.schedule import GlauberSchedule, check_count, checks_enabled, trusted_inputs
+from glauber.core.loss import denoising_logits
+from glauber.core.noise import NoiseLaw
+from glauber.core.process import check_token_ids, noise_to
+from glauber.core.schedule import GlauberSchedule, check_count, checks_enabled, trusted_inputs
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 

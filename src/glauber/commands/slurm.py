@@ -19,7 +19,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from glauber.config import batch_layout, load_config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE = PROJECT_ROOT / "experiments" / "slurm" / "train.sbatch"
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 
@@ -87,8 +89,6 @@ def render(job: SlurmJob, template: str | Path = TEMPLATE) -> str:
 
 def job_from_args(args: argparse.Namespace) -> SlurmJob:
     """Check the config as `glauber train` would (and the batch layout for nodes x GPUs) and build the job."""
-    from glauber.config import batch_layout, load_config
-
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
     world = args.nodes * args.gpus_per_node
@@ -116,7 +116,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     )
 
 
-def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "slurm",
         help="render the SLURM job script for a config and submit it (sbatch)",
@@ -143,7 +143,7 @@ def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing")
 
 
-def slurm_command(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     job = job_from_args(args)
     script = render(job)
     if args.dry_run:

@@ -7,7 +7,7 @@ Parameter names and shapes follow the taming-transformers VQGAN (``encoder.*``, 
 ``quantize.embedding.weight``, ``quant_conv.*``, ``post_quant_conv.*``), so its released checkpoints
 (e.g. the ImageNet f16 models: 256x256 images -> 16x16 tokens) load with ``load_vq``; the
 discriminator/LPIPS part of those checkpoints (``loss.*``) is not needed and is skipped. ``load_vq``
-also reads the ``vq.ckpt`` written by ``glauber train-vq`` (``glauber.train_vq``).
+also reads the ``vq.ckpt`` written by ``glauber train-vq`` (``glauber.training.train_vq``).
 
 Architecture (``VQConfig``, taming's ``ddconfig`` plus ``embed_dim`` and ``n_embed``): ``len(ch_mult)``
 resolution levels with ``num_res_blocks`` residual blocks each (GroupNorm(32) + swish + 3x3 conv),
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from glauber.files import AtomicCheckpointIO
 
 TAMING_NORM_GROUPS = 32  # GroupNorm groups of the taming architecture
 CONFIG_MISMATCH_HINT = "this checkpoint was made with a different ddconfig: pass the right config"
@@ -566,8 +568,6 @@ def load_vq(
 
 def save_vq(path: str | Path, model: VQModel, **extra: Any) -> Path:
     """Write ``{"vq_config", "state_dict", **extra}`` atomically (temporary file + ``os.replace``)."""
-    from glauber.checkpoint import AtomicCheckpointIO
-
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     AtomicCheckpointIO().save_checkpoint({"vq_config": model.config.to_dict(), "state_dict": state, **extra}, path)
     return Path(path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from glauber.config import load_config
-from glauber.inference import checkpoint_tokenizer, format_samples, generate, infill_template, load_checkpoint
-from glauber.plots import read_metrics
-from glauber.train import train
+from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, infill_template, load_checkpoint
+from glauber.eval.plots import read_metrics
+from glauber.files import check_output_dir
+from glauber.training.train import train
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "shakespeare.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "shakespeare.yaml"
 
 
 def shown_path(path: Path) -> Path:
@@ -112,3 +114,20 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
     print(f"\nreport: {report}\nsamples: {run_dir / 'samples.txt'}\nplots: {run_dir / 'plots'}")
     print("\n" + samples[0])
     return report
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train on bundled tiny Shakespeare (CPU, ~10 min) and write a report",
+        description="Train GGM on the bundled tiny Shakespeare (character level) on the CPU, then write samples "
+        "(unconditional and infilled), the loss curve and report.md to the output directory.",
+    )
+    p.add_argument("--config", default=None, help="experiment YAML (default: experiments/shakespeare.yaml)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value pairs")
+
+
+def run(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, "--out")
+    run_demo(args.config, args.out, args.overrides)

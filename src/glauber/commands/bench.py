@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from glauber.loss import analytic_loss
-from glauber.model import DDiT, ModelConfig
-from glauber.noise import NoiseLaw
-from glauber.process import make_training_example
-from glauber.schedule import GlauberSchedule
+from glauber.core.loss import analytic_loss
+from glauber.core.noise import NoiseLaw
+from glauber.core.process import make_training_example
+from glauber.core.schedule import GlauberSchedule
+from glauber.nn.ddit import DDiT, ModelConfig
 
 
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="measure training and sampling speed",
@@ -118,7 +118,7 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def bench_command(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []

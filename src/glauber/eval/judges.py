@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
-from glauber.metrics import GenerativePerplexity, UnigramEntropy
+from glauber.eval.inference import checkpoint_tokenizer, load_checkpoint
+from glauber.eval.metrics import GenerativePerplexity, UnigramEntropy
 
 
 def _hub_cached(name: str) -> bool:
@@ -110,8 +111,6 @@ class CheckpointJudge:
     any judge, though this model could score it from its BOS input."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
-        from glauber.inference import checkpoint_tokenizer, load_checkpoint
-
         self.module = load_checkpoint(path, device)
         if self.module.cfg.method != "ar":
             raise ValueError(

@@ -10,13 +10,12 @@ The codebook starts from encoder outputs of the first batch; every ``dead_code_e
 unused for that many steps ("dead") are re-seeded from encoder outputs of the current batch. Codebook
 usage (perplexity and % of codes used) is logged.
 
-Writes to ``run_dir``: ``vq.ckpt`` (atomic; ``glauber.vq.load_vq`` reads it), ``recon.png`` (held-out
+Writes to ``run_dir``: ``vq.ckpt`` (atomic; ``glauber.nn.vq.load_vq`` reads it), ``recon.png`` (held-out
 originals on top, their reconstructions below), ``metrics.csv``, ``config.yaml``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -33,8 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 from torch import Tensor
 
-from glauber.optim import adamw_with_schedule
-from glauber.vq import VQConfig, VQModel, codebook_usage, save_vq
+from data_modules.images import load_images
+from glauber.nn.optim import adamw_with_schedule
+from glauber.nn.vq import VQConfig, VQModel, codebook_usage, save_vq
+from glauber.training.train import cpu_threads
 
 
 @dataclass
@@ -146,8 +147,6 @@ def validate_vq_train(cfg: DictConfig) -> None:
 # -- data -------------------------------------------------------------------------------------------------
 def load_image_array(cfg: DictConfig) -> np.ndarray:
     """uint8 [N, image_size, image_size, 3] from ``cfg.data`` (``data_modules.images.load_images``)."""
-    from data_modules.images import load_images
-
     try:
         return load_images(str(cfg.data), cfg.image_size, center_crop=cfg.center_crop)
     except FileNotFoundError as e:
@@ -424,8 +423,6 @@ def write_vq_outputs(module: VQTrainModule, run_dir: Path, step: int) -> None:
 # -- the command ----------------------------------------------------------------------------------------------
 def train_vq(cfg: DictConfig) -> Path:
     """Fit a VQ tokenizer as configured; returns the run directory (holding vq.ckpt, recon.png, metrics.csv)."""
-    from glauber.train import cpu_threads
-
     with cpu_threads(cfg.threads):
         return _fit_vq(cfg)
 
@@ -501,28 +498,9 @@ def _fit_vq(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def add_train_vq_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train-vq",
-        help="train a small VQ image tokenizer from a YAML config",
-        description="Train a VQ image tokenizer (VQGAN encoder/decoder, taming-compatible parameters) from a YAML "
-        "config (e.g. experiments/vq_emoji.yaml) with key=value overrides such as max_steps=500 vq.n_embed=256. "
-        "Writes <run_dir>/vq.ckpt, recon.png and metrics.csv. Keys: see glauber.train_vq.VQTrainConfig.",
-    )
-    p.add_argument("config", help="path to a VQ training YAML file")
-    p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value pairs")
-
-
-def train_vq_command(args: argparse.Namespace) -> None:
-    run_dir = train_vq(load_vq_train_config(args.config, args.overrides))
-    print(f"run directory: {run_dir}  (tokenizer: {run_dir / 'vq.ckpt'}, reconstructions: {run_dir / 'recon.png'})")
-
-
 __all__ = [
     "VQTrainConfig",
     "VQTrainModule",
-    "add_train_vq_parser",
     "load_vq_train_config",
     "train_vq",
-    "train_vq_command",
 ]

@@ -9,19 +9,13 @@ from pathlib import Path
 
 import torch
 
-from glauber.cli import (
-    _int_at_least,
-    add_sweep_options,
-    check_output_file,
-    check_positions_per_step,
-    positive_float,
-    probability_mass,
-)
-from glauber.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
-from glauber.judges import evaluate_texts, load_judge
+from glauber.commands.args import add_sweep_options, check_positions_per_step, int_at_least, positive_float, probability_mass
+from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
+from glauber.eval.judges import evaluate_texts, load_judge
+from glauber.files import check_output_file
 
 
-def add_eval_ppl_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval-ppl",
         help="generative perplexity, nll per byte and entropy of a checkpoint's samples under a judge LM",
@@ -33,11 +27,11 @@ def add_eval_ppl_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a .ckpt written by glauber train")
     p.add_argument("--judge", default="gpt2-large", help="HF hub name or local directory of a causal LM (default gpt2-large)")
     p.add_argument("--judge-gguf", default=None, help="a GGUF file inside --judge to load through transformers")
-    p.add_argument("--num-samples", type=_int_at_least(1), default=64, help="number of samples (default 64)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="samples drawn at once (default 16)")
-    p.add_argument("--m", type=_int_at_least(1), default=None, help="GGM: positions per network call (default: the config's)")
+    p.add_argument("--num-samples", type=int_at_least(1), default=64, help="number of samples (default 64)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples drawn at once (default 16)")
+    p.add_argument("--m", type=int_at_least(1), default=None, help="GGM: positions per network call (default: the config's)")
     add_sweep_options(p)
-    p.add_argument("--steps", type=_int_at_least(1), default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, > 0 (default 1)")
     p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -45,7 +39,7 @@ def add_eval_ppl_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the JSON report (and the samples beside it) here")
 
 
-def eval_ppl_command(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     check_output_file(args.out, "--out")  # before the minutes of loading and sampling
     if args.out:
         check_output_file(Path(args.out).with_suffix(".samples.txt"), "--out (its samples file)")

@@ -11,6 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data_modules.fingerprint import file_sha256
+from glauber.eval.inference import generate
+from glauber.nn.vq import load_vq
+
 
 def save_grid(images: np.ndarray | Tensor, path: str | Path, ncol: int = 8, pad: int = 2) -> Path:
     """Write uint8 images ``[N, H, W, 3]`` as one PNG, ``ncol`` per row, white padding."""
@@ -73,8 +77,6 @@ class CheckpointImages:
         return imgs.cpu().numpy() if isinstance(imgs, Tensor) else np.asarray(imgs)
 
     def sample_ids(self, n: int, batch_size: int = 64, seed: int = 0, progress: bool = True, **options: Any) -> Tensor:
-        from glauber.inference import generate
-
         return generate(self.module, n, batch_size, seed, progress=progress, **options)
 
     def infill_ids(self, ids: Tensor, free: Tensor, seed: int = 0, **options: Any) -> Tensor:
@@ -84,8 +86,6 @@ class CheckpointImages:
 
 def vq_of(module: Any) -> Any:
     """The VQ tokenizer recorded in an image checkpoint (path + sha256 in its data info)."""
-    from glauber.vq import load_vq
-
     info = module.data_info_.get("tokenizer") or {}
     path = info.get("path")
     if not path:
@@ -94,8 +94,6 @@ def vq_of(module: Any) -> Any:
         raise FileNotFoundError(f"the VQ tokenizer this model was trained with, {path}, is missing: restore it or retrain it")
     sha = info.get("sha256")
     if sha:
-        from data_modules.images import file_sha256
-
         got = file_sha256(path)
         if got != sha:
             raise ValueError(f"{path} is not the VQ tokenizer this model was trained with (sha256 {got[:12]} != {sha[:12]})")

@@ -9,16 +9,16 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from glauber.config import with_defaults
 
 # Config sections that define what a checkpoint *is*: resuming or sampling with other values is refused.
 STRUCTURAL_KEYS = (
@@ -31,45 +31,6 @@ STRUCTURAL_KEYS = (
     "mdlm.eps",
     "mdlm.time_conditioning",
 )
-
-# ``atomic_write``'s temporary files: ``.<name>.<8 random characters from mkstemp>.tmp`` beside the target.
-_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
-PARTIAL_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write`` into a temporary file in ``path``'s directory, fsync, then ``os.replace``: a killed process
-    leaves the old file or the new one, never a truncated one (at worst a partial temporary file, which
-    ``remove_partial_files`` deletes at the next start)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer through ``atomic_write``."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def remove_partial_files(*dirs: Path) -> list[Path]:
-    """Delete the temporary files ``atomic_write`` left in ``dirs`` when its process was killed mid-write
-    (only names of that exact form). Call it only while holding the run's lock: a running training's
-    temporary files look the same."""
-    removed = [p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_file() and PARTIAL_FILE.fullmatch(p.name)]
-    for p in removed:
-        p.unlink(missing_ok=True)
-    return removed
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -110,8 +71,6 @@ def check_compatible(ckpt_path: str | Path, current: dict) -> None:
     saved = (load_lazily(ckpt_path).get("glauber") or {}).get("config")
     if saved is None:
         raise ValueError(f"{ckpt_path} is not a glauber checkpoint")
-    from glauber.config import with_defaults
-
     diffs = config_differences(with_defaults(saved), current)
     if diffs:
         raise ValueError(
@@ -195,7 +154,7 @@ def run_lock(run_dir: Path, owner: bool) -> Iterator[None]:
                 "or use another train.run_dir"
             ) from None
         except OSError as e:
-            print(f"[glauber.train] warning: cannot lock {f.name} ({e}); running unlocked", file=sys.stderr, flush=True)
+            print(f"[glauber.training.train] warning: cannot lock {f.name} ({e}); running unlocked", file=sys.stderr, flush=True)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glauber.noise import NoiseLaw
-from glauber.schedule import checks_enabled
+from glauber.core.noise import NoiseLaw
+from glauber.core.schedule import checks_enabled
 
 
 def log_odds(pi_phi: Tensor) -> Tensor:

@@ -1,0 +1,1 @@
+"""The ``glauber`` command line, one module per command (``cli`` parses and dispatches)."""

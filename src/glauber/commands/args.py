@@ -1,0 +1,70 @@
+"""Option types and checks shared by the commands: argparse names the option in every error."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    """GGM's network-call knobs beyond ``--m``, shared by ``sample`` and ``eval-ppl``."""
+    p.add_argument(
+        "--sweeps",
+        type=int_at_least(1),
+        default=None,
+        help="GGM: sweeps K of the sampling schedule (default: the trained K); network calls = K * L / m. Another K "
+        "needs a network trained with model.condition_on_alpha=true (it reads each position's signal level)",
+    )
+    p.add_argument(
+        "--corrector-sweeps",
+        type=int_at_least(0),
+        default=0,
+        help="GGM: refinement sweeps after the last step (default 0), L / m more network calls each: every free "
+        "position is re-noised as in the first forward sweep and redrawn by the last L / m reverse steps "
+        "(leaves the learned data law invariant for m = 1)",
+    )
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer ``>= minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {text!r})") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value})")
+        return value
+
+    return parse
+
+
+def number_in(low: float, high: float, what: str):
+    """An argparse type: a finite number in ``(low, high]`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} (got {text!r})") from None
+        if not (math.isfinite(value) and low < value <= high):
+            raise argparse.ArgumentTypeError(f"must be {what} (got {text})")
+        return value
+
+    return parse
+
+
+positive_float = number_in(0.0, math.inf, "a finite number > 0")  # --temperature: 0 would divide the logits by zero
+probability_mass = number_in(0.0, 1.0, "a number in (0, 1], 1 = off")  # --top-p: 1 = no nucleus truncation
+
+
+def check_positions_per_step(m: int | None, module: object, option: str = "--m") -> None:
+    """``m`` (positions redrawn per GGM network call) must divide the checkpoint's length ``L``; other
+    methods ignore it. Checked right after the checkpoint is loaded, before any sampling."""
+    if m is None or getattr(getattr(module, "cfg", None), "method", None) not in ("ggm",):
+        return
+    L = module.cfg.data.seq_len  # type: ignore[attr-defined]
+    if L % m:
+        divisors = [d for d in range(1, L + 1) if L % d == 0]
+        raise ValueError(f"{option} {m} does not divide the checkpoint's sequence length L={L}: use one of {divisors}")

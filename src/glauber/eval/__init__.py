@@ -1,0 +1,1 @@
+"""Evaluation: loading checkpoints and generating from them, metrics, judges, FID, image grids, plots."""

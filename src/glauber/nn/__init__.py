@@ -1,0 +1,1 @@
+"""Networks and their parameter tools: the DDiT denoiser, the VQ image tokenizer, EMA, the optimiser."""
