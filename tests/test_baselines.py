@@ -248,7 +248,7 @@ def test_cli_train_and_sample_each_baseline(tmp_path, method):
     assert "val/loss" in (run / "logs" / "metrics.csv").read_text().splitlines()[0]
     out = tmp_path / "s.txt"
     ckpt = str(run / "checkpoints" / "last.ckpt")
-    assert main(["sample", ckpt, "--num", "2", "--m", "4", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["sample", ckpt, "--num", "2", "--positions-per-step", "4", "--out", str(out), "--device", "cpu"]) == 0
     assert out.read_text().count("--- sample") == 2
     suffix = ["--suffix", "fox."] if method == "mdlm" else []  # AR conditions on a prefix only (it refuses a suffix)
     opts = ["--num", "1", "--prefix", "Line 1", *suffix, "--out", str(out), "--device", "cpu"]

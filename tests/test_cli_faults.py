@@ -48,7 +48,8 @@ def refused(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("--m", "0", "argument --m: must be an integer >= 1 (got 0)"),
+        ("--positions-per-step", "0", "argument --positions-per-step: must be an integer >= 1 (got 0)"),
+        ("--m", "2", "argument --m: was renamed: use --positions-per-step"),
         ("--num", "0", "argument --num: must be an integer >= 1 (got 0)"),
         ("--batch-size", "0", "argument --batch-size: must be an integer >= 1 (got 0)"),
         ("--temperature", "0", "argument --temperature: must be a finite number > 0 (got 0)"),
@@ -69,8 +70,8 @@ def test_eval_ppl_refuses_counts_below_one(tmp_path, capsys):
 
 def test_sample_refuses_m_not_dividing_the_length(trained, tmp_path, capsys):
     out = tmp_path / "s.txt"
-    err = refused(["sample", str(trained["ggm"]), "--m", "3", "--out", str(out), "--device", "cpu"], capsys)
-    assert "--m 3 does not divide the checkpoint's sequence length L=32" in err and "[1, 2, 4, 8, 16, 32]" in err
+    err = refused(["sample", str(trained["ggm"]), "--positions-per-step", "3", "--out", str(out), "--device", "cpu"], capsys)
+    assert "--positions-per-step 3 does not divide the checkpoint's sequence length L=32" in err and "[1, 2, 4, 8, 16, 32]" in err
     assert not out.exists()
 
 

@@ -115,7 +115,8 @@ def test_eval_fid_from_checkpoint(demo_run):
     report = demo_run / "fid_ckpt.json"
     rc = main([
         "eval-fid", "--checkpoint", str(demo_run / "ggm" / "checkpoints" / "last.ckpt"), "--num-samples", "12",
-        "--m", "16", "--reference", str(demo_run / "fid_reference_half_b.npz"), "--route", "bundled", "--out", str(report),
+        "--positions-per-step", "16",
+        "--reference", str(demo_run / "fid_reference_half_b.npz"), "--route", "bundled", "--out", str(report),
     ])  # fmt: skip
     assert rc == 0
     res = json.loads(report.read_text())

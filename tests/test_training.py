@@ -107,7 +107,7 @@ def test_cli_help_train_sample_and_infill(tmp_path, capsys):
     out = subprocess.run(
         [sys.executable, "-m", "glauber.commands.cli", "sample", "--help"], capture_output=True, text=True
     ).stdout
-    for opt in ("--num", "--m", "--prefix", "--suffix", "--temperature", "--top-p", "--out", "--seed"):
+    for opt in ("--num", "--positions-per-step", "--prefix", "--suffix", "--temperature", "--top-p", "--out", "--seed"):
         assert opt in out
     assert main(["config-help"]) == 0
     text = capsys.readouterr().out

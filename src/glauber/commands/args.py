@@ -7,7 +7,7 @@ import math
 
 
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    """GGM's network-call knobs beyond ``--m``, shared by ``sample`` and ``eval-ppl``."""
+    """GGM's network-call knobs beyond ``--positions-per-step``, shared by ``sample`` and ``eval-ppl``."""
     p.add_argument(
         "--sweeps",
         type=int_at_least(1),
@@ -23,6 +23,20 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
         "position is re-noised as in the first forward sweep and redrawn by the last L / m reverse steps "
         "(leaves the learned data law invariant for m = 1)",
     )
+
+
+class _Renamed(argparse.Action):
+    """An old option spelling, refused with the new one's name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, f"was renamed: use {self.help}")
+
+
+def add_positions_per_step(p: argparse.ArgumentParser, help: str) -> None:
+    """``--positions-per-step`` (``m``, the positions redrawn per GGM network call; the config key
+    ``sample.positions_per_step``); the old ``--m`` is refused naming it."""
+    p.add_argument("--positions-per-step", type=int_at_least(1), default=None, metavar="M", help=help)
+    p.add_argument("--m", action=_Renamed, help="--positions-per-step", dest="_renamed_m", default=argparse.SUPPRESS)
 
 
 def int_at_least(minimum: int):
@@ -59,7 +73,7 @@ positive_float = number_in(0.0, math.inf, "a finite number > 0")  # --temperatur
 probability_mass = number_in(0.0, 1.0, "a number in (0, 1], 1 = off")  # --top-p: 1 = no nucleus truncation
 
 
-def check_positions_per_step(m: int | None, module: object, option: str = "--m") -> None:
+def check_positions_per_step(m: int | None, module: object, option: str = "--positions-per-step") -> None:
     """``m`` (positions redrawn per GGM network call) must divide the checkpoint's length ``L``; other
     methods ignore it. Checked right after the checkpoint is loaded, before any sampling."""
     if m is None or getattr(getattr(module, "cfg", None), "method", None) not in ("ggm",):

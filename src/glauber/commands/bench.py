@@ -32,7 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="sequence length L (default 1024)")
     p.add_argument("--vocab", type=int, default=50257, help="vocabulary size V (default 50257, GPT-2)")
     p.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--m", type=int, nargs="+", default=[1], help="hidden positions per sequence in training (default 1)")
+    p.add_argument(
+        "--positions-per-step",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="M",
+        help="hidden positions per sequence in training (default 1)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5; compile needs more)")
     p.add_argument("--compile", choices=["off", "on", "both"], default="both", help="torch.compile (default both)")
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
-    for m in args.m:
+    for m in args.positions_per_step:
         for compiled in modes:
             rows.append(
                 bench_one(

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from glauber.commands.args import check_positions_per_step, int_at_least
+from glauber.commands.args import add_positions_per_step, check_positions_per_step, int_at_least
 from glauber.eval.fid import MODES, NVIDIA_FILE, ROUTES, _local_path, compute_fid, make_reference_stats
 from glauber.eval.images import CheckpointImages, save_grid
 from glauber.eval.inference import load_checkpoint
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--generated", default=None, help="generated images: a folder, .zip, or .npz with 'images' uint8 [N,H,W,3]")
     p.add_argument("--checkpoint", default=None, help="or sample the generated images from this image-model checkpoint")
     p.add_argument("--num-samples", type=int_at_least(2), default=1000, help="with --checkpoint: images to sample (default 1000)")
-    p.add_argument("--m", type=int_at_least(1), default=None, help="with --checkpoint (GGM): positions per network call")
+    add_positions_per_step(p, "with --checkpoint (GGM): positions redrawn per network call")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="with --checkpoint (MDLM): denoising steps")
     p.add_argument("--seed", type=int, default=0, help="with --checkpoint: sampling seed (default 0)")
     p.add_argument("--sample-batch-size", type=int_at_least(1), default=250, help="with --checkpoint: images drawn at once")
@@ -121,12 +121,12 @@ def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[s
     module = load_checkpoint(args.checkpoint, device)
     if module.cfg.get("modality", "text") != "image":
         raise ValueError(f"{args.checkpoint} is a text model: eval-fid needs an image checkpoint (or --generated)")
-    check_positions_per_step(args.m, module, "--m")
+    check_positions_per_step(args.positions_per_step, module)
     if not args.reference:  # the run's default reference, checked before the minutes of sampling
         default = module.cfg.image.fid_reference or module.cfg.data.source
         check_image_folder(default, "--reference (default: the run's image.fid_reference or data.source)")
     imgs = CheckpointImages(module)
-    given = {"positions_per_step": args.m, "steps": args.steps}
+    given = {"positions_per_step": args.positions_per_step, "steps": args.steps}
     options = {k: v for k, v in given.items() if v is not None} | {"float64": True}
     ids = imgs.sample_ids(args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, **options)
     images = imgs.decode(ids)

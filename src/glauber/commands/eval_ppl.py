@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from glauber.commands.args import add_sweep_options, check_positions_per_step, int_at_least, positive_float, probability_mass
+from glauber.commands.args import (
+    add_positions_per_step,
+    add_sweep_options,
+    check_positions_per_step,
+    int_at_least,
+    positive_float,
+    probability_mass,
+)
 from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
 from glauber.eval.judges import evaluate_texts, load_judge
 from glauber.files import check_output_file
@@ -29,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-gguf", default=None, help="a GGUF file inside --judge to load through transformers")
     p.add_argument("--num-samples", type=int_at_least(1), default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples drawn at once (default 16)")
-    p.add_argument("--m", type=int_at_least(1), default=None, help="GGM: positions per network call (default: the config's)")
+    add_positions_per_step(p, "GGM: positions redrawn per network call (default: the config's)")
     add_sweep_options(p)
     p.add_argument("--steps", type=int_at_least(1), default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, > 0 (default 1)")
@@ -45,12 +52,16 @@ def run(args: argparse.Namespace) -> dict:
         check_output_file(Path(args.out).with_suffix(".samples.txt"), "--out (its samples file)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(args.checkpoint, device)  # before the (large) judge: a bad checkpoint fails fast
-    check_positions_per_step(args.m, module, "--m")
+    check_positions_per_step(args.positions_per_step, module)
     judge = load_judge(args.judge, device, args.judge_gguf)
     tok = checkpoint_tokenizer(module)
     if getattr(tok, "chars", None) is not None:  # a character model: its alphabet is all its samples can hold
         judge.check_covers(tok.chars, f"the samples of {args.checkpoint} (their characters)")
-    given = {"positions_per_step": args.m, "steps": args.steps, "sweeps": args.sweeps}  # each method takes its own
+    given = {
+        "positions_per_step": args.positions_per_step,
+        "steps": args.steps,
+        "sweeps": args.sweeps,
+    }  # each method takes its own
     options = {k: v for k, v in given.items() if v is not None} | {
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -64,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
             "checkpoint": str(args.checkpoint),
             "method": module.cfg.method,
             "network_calls": module.network_calls(**options),
-            "positions_per_step": args.m,
+            "positions_per_step": args.positions_per_step,
             "sweeps": args.sweeps,
             "corrector_sweeps": args.corrector_sweeps,
             "steps": args.steps,

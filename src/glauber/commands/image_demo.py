@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data_modules.images import load_images
+from glauber.commands.args import add_positions_per_step
 from glauber.config import load_config
 from glauber.eval.fid import compute_fid, make_reference_stats
 from glauber.eval.images import CheckpointImages, region_mask, save_grid, show_mask
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--num-fid", type=int, default=300, help="images per FID set and in the reference (default 300; at most half the data)"
     )
-    p.add_argument("--m", type=int, default=None, help="positions per network call when sampling (default: the config's)")
+    add_positions_per_step(p, "positions redrawn per network call when sampling (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> Path:
     module = load_checkpoint(out / "ggm" / "checkpoints" / "last.ckpt", "cpu")
     imgs = CheckpointImages(module)
     opts = {
-        "positions_per_step": args.m or cfg.sample.positions_per_step,
+        "positions_per_step": args.positions_per_step or cfg.sample.positions_per_step,
         "temperature": args.temperature,
         "top_p": args.top_p,
         "float64": True,
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> Path:
     (out / "fid.json").write_text(json.dumps(result, indent=1) + "\n")
     result["command"] = "glauber image-demo " + " ".join(
         [f"--out {out}", f"--num-fid {args.num_fid}"]
-        + ([f"--m {args.m}"] if args.m else [])
+        + ([f"--positions-per-step {args.positions_per_step}"] if args.positions_per_step else [])
         + ([f"--temperature {args.temperature}"] if args.temperature != 1.0 else [])
         + ([f"--top-p {args.top_p}"] if args.top_p != 1.0 else [])
         + (["--vq-overrides", *args.vq_overrides] if args.vq_overrides else [])

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import torch
 
-from glauber.commands.args import add_sweep_options, check_positions_per_step, int_at_least, positive_float, probability_mass
+from glauber.commands.args import (
+    add_positions_per_step,
+    add_sweep_options,
+    check_positions_per_step,
+    int_at_least,
+    positive_float,
+    probability_mass,
+)
 from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, infill_template, load_checkpoint
 from glauber.files import check_output_file
 
@@ -22,11 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a .ckpt written by glauber train")
     p.add_argument("--num", type=int_at_least(1), default=4, help="number of samples (default 4)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples drawn at once (default 16)")
-    p.add_argument(
-        "--m",
-        type=int_at_least(1),
-        default=None,
-        help="positions redrawn per network call (default: the config's); network calls = (sweeps + corrector sweeps) * L / m",
+    add_positions_per_step(
+        p, "positions redrawn per network call (default: the config's); network calls = (sweeps + corrector sweeps) * L / m"
     )
     add_sweep_options(p)
     p.add_argument("--prefix", default=None, help="text clamped at the start (infilling)")
@@ -50,10 +54,10 @@ def run(args: argparse.Namespace) -> None:
             "condition on a prefix (--prefix): the suffix would be pasted after tokens that never saw it. Infill "
             "with a GGM or MDLM checkpoint, or drop --suffix"
         )
-    check_positions_per_step(args.m, module, "--m")
+    check_positions_per_step(args.positions_per_step, module)
     tok = checkpoint_tokenizer(module)
     options = {
-        "positions_per_step": args.m,
+        "positions_per_step": args.positions_per_step,
         "sweeps": args.sweeps,
         "corrector_sweeps": args.corrector_sweeps,
         "temperature": args.temperature,
