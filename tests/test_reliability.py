@@ -196,7 +196,7 @@ def test_signal_saves_last_ckpt_at_a_step_boundary_and_exits_nonzero(shared, str
     run = tmp_path / "run"
     # one thread in every run (the subprocess, the straight and the resumed one): the same float summation
     overrides = tiny(shared, run, SIGNAL_STEPS, "train.ckpt_every_steps=5", "train.threads=1")
-    args = [sys.executable, "-m", "glauber.commands.cli", "train", str(TINY), *overrides]
+    args = [sys.executable, "-m", "glauber", "train", str(TINY), *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

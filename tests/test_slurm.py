@@ -67,7 +67,7 @@ def test_rendered_script_for_a_multi_node_gpu_run(tmp_path):
         "export NCCL_DEBUG=INFO",
     ):
         assert line in script.splitlines(), line
-    assert re.search(r"^srun --kill-on-bad-exit=1 .* -m glauber\.cli train \S*owt\.yaml optim\.lr=1e-4 ", script, re.M)
+    assert re.search(r"^srun --kill-on-bad-exit=1 .* -m glauber train \S*owt\.yaml optim\.lr=1e-4 ", script, re.M)
     assert "train.resume=auto" in script and 'train.num_nodes="${SLURM_NNODES}"' in script
     assert 'train.devices="${SLURM_NTASKS_PER_NODE}"' in script and "{{" not in script
     header = script.split("set -euo pipefail")[0]

@@ -101,12 +101,10 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
 
 
 def test_cli_help_train_sample_and_infill(tmp_path, capsys):
-    out = subprocess.run([sys.executable, "-m", "glauber.commands.cli", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "glauber", "--help"], capture_output=True, text=True).stdout
     for word in ("train", "sample", "demo", "bench", "config-help"):
         assert word in out
-    out = subprocess.run(
-        [sys.executable, "-m", "glauber.commands.cli", "sample", "--help"], capture_output=True, text=True
-    ).stdout
+    out = subprocess.run([sys.executable, "-m", "glauber", "sample", "--help"], capture_output=True, text=True).stdout
     for opt in ("--num", "--positions-per-step", "--prefix", "--suffix", "--temperature", "--top-p", "--out", "--seed"):
         assert opt in out
     assert main(["config-help"]) == 0
