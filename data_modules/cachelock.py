@@ -23,11 +23,13 @@ def lock_path(cache: Path) -> Path:
 
 
 @contextlib.contextmanager
-def build_lock(cache: Path) -> Iterator[None]:
-    """Hold the build lock of ``cache`` (waiting for another builder to finish first)."""
+def build_lock(cache: Path) -> Iterator[bool]:
+    """Hold the build lock of ``cache`` (waiting for another builder to finish first); yields whether
+    the lock is held (False where ``flock`` is unsupported: other builders may then be at work)."""
     path = lock_path(cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
+        locked = True
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -36,10 +38,11 @@ def build_lock(cache: Path) -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
+            locked = False
             print(
                 f"[glauber.data] warning: cannot lock {path} ({e.strerror}); building {cache} unlocked: "
                 "do not build the same cache from two processes at once",
                 file=sys.stderr,
                 flush=True,
             )
-        yield
+        yield locked

@@ -9,33 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-HF_HOST = ("huggingface.co", 443)
+from data_modules.hub import HubUnreachableError, hub_reachable  # also imported from here by glauber.eval.judges
+
 GPT2_EOS = "<|endoftext|>"
 
 
 def bundled_gpt2_path() -> Path:
     """The GPT-2 ``tokenizer.json`` shipped inside the ``glauber`` package (works offline)."""
     return Path(str(files("glauber") / "assets/gpt2/tokenizer.json"))
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to huggingface.co:443 opens within ``timeout_s`` (a fast offline check)."""
-    try:
-        with socket.create_connection(HF_HOST, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-class HubUnreachableError(ValueError):
-    """Something must come from the Hugging Face hub, which cannot be reached, and nothing is cached."""
 
 
 def _sha256(obj: Any) -> str:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from corpus import bare_trainer
 
-from data_modules.text import TextDataConfig, TextDataModule, TextFiles
+from data_modules.corpus import TextFiles
+from data_modules.text import TextDataConfig, TextDataModule
 from data_modules.tokenizers import CharTokenizer, GPT2Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -174,7 +174,7 @@ def reference_run(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
             finally:
                 self._as_rank, self.micro_batches_seen = None, j + 1
 
-    monkeypatch.setattr(gt, "TextDataModule", RanksDM)
+    monkeypatch.setitem(gt.MODALITIES, "text", (RanksDM, gt.text_callbacks))
     monkeypatch.setattr(gt, "method_class", lambda name: RanksGGM)
     cfg = load_config(TINY, [*overrides(tmp, "reference"), "train.micro_batch_size=2", "eval.judge=null"])
     rec = Recorder()

@@ -6,15 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
 from PIL import Image
 
 import glauber.eval.fid as fid
+import glauber.eval.inception as inception
 from glauber.commands import eval_fid
 from glauber.eval.fid import compute_fid, feature_stats, frechet_distance, make_reference_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "data" / "twemoji32.npz"
-NVIDIA = fid.cleanfid_inception_dir() / fid.NVIDIA_FILE
+NVIDIA = inception.cleanfid_inception_dir() / inception.NVIDIA_FILE
 
 
 def emoji(n: int) -> np.ndarray:
@@ -43,14 +45,16 @@ def test_feature_stats_and_the_distance_of_a_set_to_itself():
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # scipy >= 1.16 deprecates sqrtm(disp=...)
 def test_singular_products_and_agreement_with_cleanfids_sqrtm():
+
     a, b = np.array([1.0, 4.0, 0.0]), np.array([9.0, 1.0, 0.0])  # singular
     mu1, mu2 = np.zeros(3), np.ones(3)
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(3 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(200, 16)), rng.normal(size=(150, 16)) @ rng.normal(size=(16, 16)) * 0.5 + 0.3
     (m1, s1), (m2, s2) = fid.feature_stats(x), fid.feature_stats(y)
-    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(fid.cleanfid_frechet_distance(m1, s1, m2, s2), rel=1e-8)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(float(cleanfid_frechet_distance(m1, s1, m2, s2)), rel=1e-8)
 
 
 # -- the networks ----------------------------------------------------------------------------------
@@ -77,20 +81,21 @@ def test_both_routes_give_the_same_features_and_fid():
 
 
 def test_routes_and_offline_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, "cleanfid_inception_dir", lambda: tmp_path)
-    monkeypatch.setattr(fid, "_reachable", lambda host, timeout_s=3.0: False)
-    assert fid.resolve_route("auto") == "bundled"
+    monkeypatch.setattr(inception, "cleanfid_inception_dir", lambda: tmp_path)
+    for module in (inception, fid):
+        monkeypatch.setattr(module, "reachable", lambda host, timeout_s=3.0: False)
+    assert inception.resolve_route("auto") == "bundled"
     weights = tmp_path / "my-inception.pt"
     weights.write_bytes(b"x")
-    assert fid.resolve_route("auto", weights) == "clean-fid" and fid.resolve_route(None) == "bundled"
+    assert inception.resolve_route("auto", weights) == "clean-fid" and inception.resolve_route(None) == "bundled"
     with pytest.raises(FileNotFoundError, match=r"--inception-weights .*route 'bundled'"):
-        fid.feature_extractor("clean-fid", "cpu")
+        inception.feature_extractor("clean-fid", "cpu")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        fid.resolve_route("auto", tmp_path / "nowhere.pt")
+        inception.resolve_route("auto", tmp_path / "nowhere.pt")
     with pytest.raises(ValueError, match=r"cannot be reached.*--make-stats"):
         compute_fid(emoji(4), "nosuchset:256:train", route="bundled")
     with pytest.raises(ValueError, match="resizes inside"):
-        fid.feature_extractor("bundled", "cpu", mode="legacy_tensorflow")
+        inception.feature_extractor("bundled", "cpu", mode="legacy_tensorflow")
 
 
 # -- references and the command line (a tiny feature network stands in for the Inception) ------------
@@ -102,7 +107,7 @@ class TinyFeatures(torch.nn.Module):
 @pytest.fixture()
 def tiny(monkeypatch):
     def extractor(route="auto", device="cpu", mode="clean", inception_weights=None):
-        return TinyFeatures(), {"route": fid.resolve_route(route, inception_weights), "mode": mode, "inception": "tiny"}
+        return TinyFeatures(), {"route": inception.resolve_route(route, inception_weights), "mode": mode, "inception": "tiny"}
 
     monkeypatch.setattr(fid, "feature_extractor", extractor)
     monkeypatch.setattr(fid, "_REF_CACHE", {})

@@ -46,7 +46,7 @@ def demo_run(emoji_subset, tmp_path_factory, monkeypatch_module) -> Path:
     out = work / "emoji"
     args = argparse.Namespace(
         out=str(out), vq_config=str(ROOT / "experiments" / "vq_emoji.yaml"), config=str(ROOT / "experiments" / "emoji.yaml"),
-        num_fid=24, m=8, seed=0, temperature=1.0, top_p=1.0, vq_overrides=[*TINY_VQ, f"data={emoji_subset}"],
+        num_fid=24, positions_per_step=8, seed=0, temperature=1.0, top_p=1.0, vq_overrides=[*TINY_VQ, f"data={emoji_subset}"],
         overrides=[*TINY_GGM, f"data.source={emoji_subset}"],
     )  # fmt: skip
     image_demo.run(args)

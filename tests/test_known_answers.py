@@ -1,4 +1,4 @@
-"""The five known-answer checks of METHOD.md on enumerable problems (L = 4, V = 3)."""
+"""The five known-answer checks of docs/METHOD.md on enumerable problems (L = 4, V = 3)."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ TRAINING_CONFIGS = [
     ["process.loss=analytic", "process.step_weighting=inverse_noise"],
     ["process.loss=single_sample", "model.condition_on_alpha=true"],
     ["process.loss=time_weighted", "process.noise=unigram"],
-    ["process.loss=balanced", "process.train_positions_per_step=[]"],
+    ["process.loss=balanced", "process.positions_per_step=[]"],
     ["process.loss=cross_entropy", "schedule.order=random"],
 ]
 

@@ -148,7 +148,7 @@ def test_ggm_module_trains_on_weighted_steps_and_validates_the_sampler_condition
             "process.loss=cross_entropy",
             "process.step_weighting=inverse_noise",
             "schedule.positions_per_step=1",
-            "process.train_positions_per_step=[2]",
+            "process.positions_per_step=[2]",
         ],
     )
     module = GGMModule(cfg, vocab_size=6)

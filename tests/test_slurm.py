@@ -91,7 +91,8 @@ def test_bad_layouts_and_configs_are_refused_before_submitting(tmp_path):
 
 def test_checkpoint_bookkeeping_for_requeued_runs(tmp_path, monkeypatch):
     from glauber.config import load_config
-    from glauber.training.callbacks import hpc_checkpoints, trim_metrics_csv
+    from glauber.eval.plots import merge_metric_logs
+    from glauber.training.callbacks import hpc_checkpoints
     from glauber.training.train import resume_path
 
     for n in (10, 9, 2):
@@ -105,14 +106,26 @@ def test_checkpoint_bookkeeping_for_requeued_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
     with pytest.raises(ValueError, match="hpc_ckpt_"):
         resume_path(cfg, tmp_path)
-    # a metrics log resumed at step 4 keeps the rows before it, and the evaluation made at step 4
-    csv_path = tmp_path / "metrics.csv"
-    csv_path.write_text(
+    # a run resumed at step 4 (logs/version_1) replaces the rows version 0 logged from step 4 on, but for the
+    # evaluation made at step 4, which the resumed run does not repeat
+    logs = tmp_path / "logs"
+    (logs / "version_0").mkdir(parents=True)
+    (logs / "version_0" / "metrics.csv").write_text(
         "epoch,eval/gen_ppl,lr-AdamW,step,train/loss,val/loss\n"
         "0,,,3,0.5,\n0,,,3,,0.6\n,,0.001,4,,\n0,,,4,0.4,\n,12.5,,4,,\n0,,,4,,0.55\n0,,,5,0.3,\n"
     )
-    assert trim_metrics_csv(csv_path, 4) == 4
-    assert csv_path.read_text().splitlines()[1:] == ["0,,,3,0.5,", "0,,,3,,0.6", ",12.5,,4,,"]
+    (logs / "version_1").mkdir()
+    (logs / "version_1" / "start_step").write_text("4\n")
+    (logs / "version_1" / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,4,0.41,\n0,5,0.31,\n")
+    assert merge_metric_logs(logs) == logs / "metrics.csv"
+    assert (logs / "metrics.csv").read_text().splitlines() == [
+        "epoch,eval/gen_ppl,lr-AdamW,step,train/loss,val/loss",
+        "0,,,3,0.5,",
+        "0,,,3,,0.6",
+        ",12.5,,4,,",
+        "0,,,4,0.41,",
+        "0,,,5,0.31,",
+    ]
 
 
 # -- a real cluster ---------------------------------------------------------------------------------------
@@ -200,8 +213,8 @@ def test_slurm_job_trains_to_the_end(straight):
     run, job, info = straight["run"], straight["job"], straight["info"]
     log = log_of(run, job)
     assert info["ExitCode"] == "0:0" and info.get("Restarts") == "0", info
-    assert f"[glauber.commands.slurm] job {job} start" in log and "srun exited 0" in log
-    assert "[glauber.training.train] starting at global step 0 of 30; 1 node(s) x 2 device(s) = 2 process(es)" in log
+    assert f"[glauber.slurm] job {job} start" in log and "srun exited 0" in log
+    assert "[glauber.train] starting at global step 0 of 30; 1 node(s) x 2 device(s) = 2 process(es)" in log
     assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == STEPS
     assert (run / "job.sbatch").is_file() and not list(run.glob("hpc_ckpt_*.ckpt"))
     assert (run / "samples" / "step_00000030.txt").read_text().count("--- sample") == 1
@@ -231,11 +244,11 @@ def test_slurm_requeue_resumes_from_its_checkpoint(cluster, data, straight, tmp_
     saved_at = _state(hpc)["global_step"]
     assert 5 <= saved_at < STEPS
     # the first start, the checkpoint + requeue, the second start resuming from it, the end
-    first, second = log.split(f"[glauber.commands.slurm] job {job} start", 2)[1:]
+    first, second = log.split(f"[glauber.slurm] job {job} start", 2)[1:]
     assert "restart 0" in first[:40] and "restart 1" in second[:40]
-    assert f"[glauber.commands.slurm] step {saved_at}: saved {hpc}; requeued job {job}, stopping" in first
+    assert f"[glauber.slurm] step {saved_at}: saved {hpc}; requeued job {job}, stopping" in first
     assert f"Restoring states from the checkpoint path at {hpc}" in second
-    assert f"[glauber.training.train] resumed from {hpc} at global step {saved_at} of {STEPS}" in second
+    assert f"[glauber.train] resumed from {hpc} at global step {saved_at} of {STEPS}" in second
     assert "srun exited 0" in second
     # same final step, same weights and EMA as the job that ran straight through
     a, b = _state(straight["run"] / "checkpoints" / "last.ckpt"), _state(run / "checkpoints" / "last.ckpt")

@@ -10,6 +10,8 @@ import pytest
 import torch
 from corpus import bare_trainer
 
+import data_modules.corpus as corpus
+import data_modules.hub as hub
 import data_modules.text as text
 from data_modules.sampling import ResumableSampler
 from data_modules.text import TextDataConfig, TextDataModule
@@ -62,7 +64,7 @@ def test_gpt2_known_ids_and_special_token(gpt2):
 
 
 def test_gpt2_fingerprint_is_stable_and_state_round_trips(gpt2):
-    again = load_tokenizer(str(text.PROJECT_ROOT / "src/glauber/assets/gpt2/tokenizer.json"))
+    again = load_tokenizer(str(corpus.PROJECT_ROOT / "src/glauber/assets/gpt2/tokenizer.json"))
     assert again.fingerprint() == gpt2.fingerprint()
     restored = tokenizer_from_state(json.loads(json.dumps(gpt2.state())))
     assert restored.fingerprint() == gpt2.fingerprint() and restored.encode("Hello world") == [15496, 995]
@@ -171,7 +173,7 @@ def test_hub_train_only_split_takes_last_documents_as_validation(tmp_path, monke
     from datasets import Dataset, DatasetDict
 
     monkeypatch.setattr(
-        text, "load_hub", lambda name, timeout_s, cache: DatasetDict({"train": Dataset.from_dict({"text": DOCS})})
+        corpus, "load_hub", lambda name, timeout_s, cache: DatasetDict({"train": Dataset.from_dict({"text": DOCS})})
     )
     dm = ready(make_dm(tmp_path, "someone/corpus", seq_len=8, val_documents=5))
     meta = json.loads((dm.cache_path / "meta.json").read_text())
@@ -291,8 +293,8 @@ def test_wrap_bos_eos_with_char_tokenizer_is_refused(tmp_path):
 
 
 def test_offline_hub_dataset_fails_fast_with_a_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(text, "hub_reachable", lambda timeout_s: False)
-    monkeypatch.setattr(text, "_hf_cached", lambda name: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s: False)
+    monkeypatch.setattr(hub, "cached_snapshot", lambda name: None)
     t0 = time.monotonic()
     with pytest.raises(HubUnreachableError, match=r"unreachable.*data\.source=/path/to/local/files.*copy"):
         make_dm(tmp_path, "Skylion007/openwebtext").prepare_data()

@@ -1,4 +1,4 @@
-"""Known-answer check 5 of METHOD.md: a TRAINED network's samples approach the data law.
+"""Known-answer check 5 of docs/METHOD.md: a TRAINED network's samples approach the data law.
 
 GGM (each loss in ``glauber.core.loss.LOSS_NAMES``) and the AR and MDLM baselines are trained the same way
 (same tiny DDiT, steps, batch, learning rate, fresh draws of the data law) through the project's own

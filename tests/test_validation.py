@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from glauber.core.exact import OracleDenoiser, random_law
 from glauber.core.loss import analytic_loss, ggm_loss, log_odds
@@ -31,6 +33,16 @@ from glauber.core.schedule import GlauberSchedule, ScheduleConfig
 def test_schedule_rejects_bad_options(kwargs, field):
     with pytest.raises(ValueError, match=field.replace("(", r"\(").replace(")", r"\)")):
         GlauberSchedule(**kwargs)
+
+
+def test_schedule_choices_are_checked_where_the_config_is_built():
+    """A typed schedule config refuses a value outside a choice, naming the choices; its members are the strings."""
+    with pytest.raises(ValidationError, match=r"zigzag.*round_robin, strided, random"):
+        OmegaConf.merge(OmegaConf.structured(ScheduleConfig), {"order": "zigzag"})
+    cfg = OmegaConf.merge(OmegaConf.structured(ScheduleConfig), {"order": "strided", "clock": "sweep", "alpha": "cosine"})
+    assert (cfg.order, cfg.clock, cfg.alpha) == ("strided", "sweep", "cosine")
+    s = GlauberSchedule.from_config(cfg, seq_len=6)
+    assert repr(s) == GlauberSchedule(6, 4, 1, alpha="cosine", clock="sweep", order="strided").__repr__()
 
 
 def test_schedule_from_config_derives_T():

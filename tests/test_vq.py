@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from glauber.commands import train_vq as train_vq_command
 from glauber.nn.vq import CONFIG_MISMATCH_HINT, VQConfig, VQModel, codebook_usage, load_vq, save_vq
-from glauber.training.train_vq import VQTrainModule, load_vq_train_config
+from glauber.training.train_vq import load_vq_train_config
+from glauber.training.vq_module import VQTrainModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,7 +270,7 @@ def test_our_vq_checkpoint_round_trips(tmp_path):
 
 
 def test_codebook_usage():
-    u = codebook_usage(torch.arange(8).repeat(3), 16)
+    u = codebook_usage(torch.bincount(torch.arange(8).repeat(3), minlength=16))
     assert u["perplexity"] == pytest.approx(8.0) and u["used_fraction"] == 0.5 and u["n_tokens"] == 24
 
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
 
-def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    """GGM's network-call knobs beyond ``--positions-per-step``, shared by ``sample`` and ``eval-ppl``."""
+
+def add_draw_options(p: argparse.ArgumentParser) -> None:
+    """How samples are drawn from a checkpoint (``sample``, ``eval-ppl``); each method reads its own knobs."""
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples drawn at once (default 16)")
+    add_positions_per_step(
+        p, "GGM: positions redrawn per network call (default: the config's); network calls = (K + corrector sweeps) * L / m"
+    )
     p.add_argument(
         "--sweeps",
         type=int_at_least(1),
@@ -23,6 +29,25 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
         "position is re-noised as in the first forward sweep and redrawn by the last L / m reverse steps "
         "(leaves the learned data law invariant for m = 1)",
     )
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of each draw, > 0 (default 1)")
+    p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def draw_options(args: argparse.Namespace) -> dict:
+    """The ``module.sample`` keywords of ``add_draw_options``' options (the unset ones left to the config)."""
+    given = {"positions_per_step": args.positions_per_step, "steps": args.steps, "sweeps": args.sweeps}
+    return {k: v for k, v in given.items() if v is not None} | {
+        "corrector_sweeps": args.corrector_sweeps,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+    }
+
+
+def device_of(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class _Renamed(argparse.Action):

@@ -89,7 +89,7 @@ def supervised_tokens_per_sequence(cfg: DictConfig) -> float:
         return float(L)
     if cfg.method == "mdlm":
         return L * (1 - cfg.mdlm.eps) / 2
-    sizes = list(cfg.process.train_positions_per_step) or [cfg.schedule.positions_per_step]
+    sizes = list(cfg.process.positions_per_step) or [cfg.schedule.positions_per_step]
     return sum(sizes) / len(sizes)
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from glauber.commands.args import add_positions_per_step, check_positions_per_step, int_at_least
-from glauber.eval.fid import MODES, NVIDIA_FILE, ROUTES, _local_path, compute_fid, make_reference_stats
+from glauber.eval.fid import _local_path, compute_fid, make_reference_stats
 from glauber.eval.images import CheckpointImages, save_grid
+from glauber.eval.inception import MODES, NVIDIA_FILE, ROUTES
 from glauber.eval.inference import load_checkpoint
 from glauber.files import check_output_file
 
@@ -53,28 +54,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp", ".npy"}  # clean-fid's
-
-
 def check_image_folder(ref: Any, option: str) -> None:
     """Refuse, naming ``option`` and the folder, an image folder holding fewer than the 2 images FID needs
     (empty, or only other files), before any network is loaded or image read; other sources (.zip, .npz,
     ``hf:``, clean-fid statistics names, arrays) are checked where they are read."""
-    if not isinstance(ref, (str, Path)):
-        return
-    path = _local_path(str(ref))
+    path = _local_path(str(ref)) if isinstance(ref, (str, Path)) else None
     if path is None or not path.is_dir():
         return
+    from cleanfid.utils import EXTENSIONS  # the suffixes clean-fid's get_folder_features reads
+
+    suffixes = {f".{e.lower()}" for e in EXTENSIONS}
     images = []
     for f in path.rglob("*"):
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+        if f.suffix.lower() in suffixes and f.is_file():
             images.append(f)
             if len(images) == 2:
                 return
     what = "is empty" if not any(path.iterdir()) else f"holds {len(images) or 'no'} image file{'' if len(images) == 1 else 's'}"
     raise ValueError(
         f"{option} {ref}: the folder {what} (FID needs at least 2 images; read: "
-        f"{', '.join(sorted(IMAGE_SUFFIXES))}, in subfolders too): point {option} at the images"
+        f"{', '.join(sorted(suffixes))}, in subfolders too): point {option} at the images"
     )
 
 
@@ -104,12 +103,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("eval-fid needs --generated (or --checkpoint) and --reference (or --make-stats SRC --out stats.npz)")
     report = compute_fid(args.generated, args.reference, **common)
     report["generated"] = str(args.generated)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
+    _emit(report, args.out)
     return report
+
+
+def _emit(report: dict[str, Any], out: str | None) -> Path | None:
+    """Print the JSON report, and write it to ``out`` when given (returned)."""
+    print(json.dumps(report, indent=1))
+    if not out:
+        return None
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
 
 
 def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
@@ -144,10 +150,7 @@ def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[s
             **{k: v for k, v in given.items() if v is not None},
         }
     )
-    print(json.dumps(report, indent=1))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
+    out = _emit(report, args.out)
+    if out is not None:
         save_grid(images[:64], out.with_suffix(".samples.png"), ncol=8)
     return report

@@ -7,16 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from glauber.commands.args import (
-    add_positions_per_step,
-    add_sweep_options,
-    check_positions_per_step,
-    int_at_least,
-    positive_float,
-    probability_mass,
-)
+from glauber.commands.args import add_draw_options, check_positions_per_step, device_of, draw_options, int_at_least
 from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
 from glauber.eval.judges import evaluate_texts, load_judge
 from glauber.files import check_output_file
@@ -35,14 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge", default="gpt2-large", help="HF hub name or local directory of a causal LM (default gpt2-large)")
     p.add_argument("--judge-gguf", default=None, help="a GGUF file inside --judge to load through transformers")
     p.add_argument("--num-samples", type=int_at_least(1), default=64, help="number of samples (default 64)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples drawn at once (default 16)")
-    add_positions_per_step(p, "GGM: positions redrawn per network call (default: the config's)")
-    add_sweep_options(p)
-    p.add_argument("--steps", type=int_at_least(1), default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, > 0 (default 1)")
-    p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_draw_options(p)
     p.add_argument("--out", default=None, help="write the JSON report (and the samples beside it) here")
 
 
@@ -50,23 +34,14 @@ def run(args: argparse.Namespace) -> dict:
     check_output_file(args.out, "--out")  # before the minutes of loading and sampling
     if args.out:
         check_output_file(Path(args.out).with_suffix(".samples.txt"), "--out (its samples file)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     module = load_checkpoint(args.checkpoint, device)  # before the (large) judge: a bad checkpoint fails fast
     check_positions_per_step(args.positions_per_step, module)
     judge = load_judge(args.judge, device, args.judge_gguf)
     tok = checkpoint_tokenizer(module)
     if getattr(tok, "chars", None) is not None:  # a character model: its alphabet is all its samples can hold
         judge.check_covers(tok.chars, f"the samples of {args.checkpoint} (their characters)")
-    given = {
-        "positions_per_step": args.positions_per_step,
-        "steps": args.steps,
-        "sweeps": args.sweeps,
-    }  # each method takes its own
-    options = {k: v for k, v in given.items() if v is not None} | {
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "corrector_sweeps": args.corrector_sweeps,
-    }
+    options = draw_options(args)
     ids = generate(module, args.num_samples, args.batch_size, args.seed, float64=True, **options)
     texts = [tok.decode(row.tolist()) for row in ids]
     report = evaluate_texts(texts, judge, sample_ids=ids)

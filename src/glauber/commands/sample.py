@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from glauber.commands.args import (
-    add_positions_per_step,
-    add_sweep_options,
-    check_positions_per_step,
-    int_at_least,
-    positive_float,
-    probability_mass,
-)
+from glauber.commands.args import add_draw_options, check_positions_per_step, device_of, draw_options, int_at_least
 from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, infill_template, load_checkpoint
 from glauber.files import check_output_file
 
@@ -28,26 +19,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a .ckpt written by glauber train")
     p.add_argument("--num", type=int_at_least(1), default=4, help="number of samples (default 4)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples drawn at once (default 16)")
-    add_positions_per_step(
-        p, "positions redrawn per network call (default: the config's); network calls = (sweeps + corrector sweeps) * L / m"
-    )
-    add_sweep_options(p)
+    add_draw_options(p)
     p.add_argument("--prefix", default=None, help="text clamped at the start (infilling)")
     p.add_argument("--suffix", default=None, help="text clamped at the end (infilling)")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of each draw, > 0 (default 1)")
-    p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
     p.add_argument("--float32", action="store_true", help="final categorical draw in float32 instead of float64")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default=None, help="write the samples to this file (default: print)")
 
 
 def run(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out")  # before the minutes of loading and sampling
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    module = load_checkpoint(args.checkpoint, device_of(args), use_ema=not args.no_ema)
     if args.suffix and module.cfg.method == "ar":
         raise ValueError(
             f"--suffix: {args.checkpoint} is an autoregressive (AR) model, which draws left to right and can only "
@@ -56,14 +38,7 @@ def run(args: argparse.Namespace) -> None:
         )
     check_positions_per_step(args.positions_per_step, module)
     tok = checkpoint_tokenizer(module)
-    options = {
-        "positions_per_step": args.positions_per_step,
-        "sweeps": args.sweeps,
-        "corrector_sweeps": args.corrector_sweeps,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "float64": not args.float32,
-    }
+    options = draw_options(args) | {"float64": not args.float32}
     template = clamp = None
     if args.prefix or args.suffix:
         template, clamp = infill_template(tok, module.cfg.data.seq_len, module.cfg.data.wrap, args.prefix, args.suffix)

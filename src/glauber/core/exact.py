@@ -3,7 +3,7 @@
 For ``V ** L`` small, the law of ``X_t`` is a tensor of shape ``(V,) * L``. This module gives the
 closed-form and step-by-step laws, the exact conditionals ``P(X_t^i | X_t^{-S})`` wrapped as a
 denoiser (the "oracle"), and the exact law of the sampler's output, so that the known-answer
-checks of METHOD.md can be run to machine precision. Not for real vocabularies.
+checks of docs/METHOD.md can be run to machine precision. Not for real vocabularies.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Learning the denoising conditional by binary classification (METHOD.md, "Learning ...").
+"""Learning the denoising conditional by binary classification (docs/METHOD.md, "Learning ...").
 
 Parameterisation: the network outputs ``h`` (one value per vocabulary entry at each hidden
 position); the classifier logit of "token ``a`` seen here is signal" is

@@ -4,7 +4,7 @@ Everything here is derived from a handful of numbers (sequence length ``L``, swe
 positions per step ``m``, the signal curve and clock, the visiting order), so that nothing is
 configured twice: ``T = K * L / m`` steps, the positions ``S_t`` of every step, each position's
 visit times, ``Pi_t(phi)`` of every visit and each position's signal level ``alpha_i(t)``.
-See METHOD.md, "Forward (noising) process".
+See docs/METHOD.md, "Forward (noising) process".
 
 Input checks and the hot path. Every check of a tensor's values (steps in range, token ids in the
 vocabulary, ``0 < Pi_t(phi) < 1``) reads a device value back on the host: on an accelerator, a
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from glauber.schema import choice, option
 
 AlphaFn = Callable[[Tensor, float], Tensor]
 
@@ -76,27 +78,26 @@ def trusted_inputs() -> Iterator[None]:
         _TRUSTED.reset(token)
 
 
+Alpha = choice("Alpha", ALPHA_CURVES, __name__)
+Clock = choice("Clock", CLOCKS, __name__)
+Order = choice("Order", ORDERS, __name__)
+
+
 @dataclass
 class ScheduleConfig:
-    """Typed schedule options (the sequence length comes from the data).
+    """Typed schedule options (the sequence length comes from the data)."""
 
-    alpha: signal curve, one of ``linear``, ``cosine``, ``geometric``.
-    alpha_min: signal left at the end, ``0 < alpha_min < 1``; ``Pi_t(phi) > 0`` needs it positive.
-    clock: ``visit`` (``g(tau) = (tau+1)/T``) or ``sweep`` (``g = (k+1)/K`` for sweep ``k``).
-    sweeps: ``K``, the number of passes over the sequence; ``T = K * L / m``.
-    positions_per_step: ``m``, the size of every ``S_t``; must divide ``L``.
-    order: ``round_robin`` (contiguous blocks, ``S_t = {t mod L}`` for ``m = 1``), ``strided``
-        (``{j + r L/m}``), or ``random`` (a fixed random permutation per sweep).
-    order_seed: seed of the ``random`` order.
-    """
-
-    alpha: str = "linear"
-    alpha_min: float = 1e-3
-    clock: str = "visit"
-    sweeps: int = 4
-    positions_per_step: int = 1
-    order: str = "round_robin"
-    order_seed: int = 0
+    alpha: Alpha = option(Alpha.linear, "signal curve alpha(s): linear, cosine or geometric")
+    alpha_min: float = option(1e-3, "signal left at the end, 0 < alpha_min < 1; Pi_t(phi) > 0 needs it positive")
+    clock: Clock = option(Clock.visit, "visit (g(tau) = (tau+1)/T) or sweep (g = (k+1)/K for sweep k)")
+    sweeps: int = option(4, "K, the number of passes over the sequence; T = K * L / m sampling steps")
+    positions_per_step: int = option(1, "m, the size of every visited set S_t; must divide L (data.seq_len)")
+    order: Order = option(
+        Order.round_robin,
+        "round_robin (contiguous blocks, S_t = {t mod L} for m = 1), strided ({j + r L/m}), or random "
+        "(a fixed random permutation per sweep)",
+    )
+    order_seed: int = option(0, "seed of the random order")
 
 
 class GlauberSchedule:

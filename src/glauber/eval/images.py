@@ -4,36 +4,44 @@ in raster order; everything pictorial lives here."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torchvision.utils import save_image
 
 from data_modules.fingerprint import file_sha256
 from glauber.eval.inference import generate
 from glauber.nn.vq import load_vq
 
 
-def save_grid(images: np.ndarray | Tensor, path: str | Path, ncol: int = 8, pad: int = 2) -> Path:
-    """Write uint8 images ``[N, H, W, 3]`` as one PNG, ``ncol`` per row, white padding."""
-    from PIL import Image
-
-    imgs = np.asarray(images.cpu() if isinstance(images, Tensor) else images)
-    if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != np.uint8:
-        raise ValueError(f"save_grid wants uint8 [N, H, W, 3] (got {imgs.dtype} {imgs.shape})")
-    n, h, w, _ = imgs.shape
-    ncol = max(1, min(ncol, n))
-    nrow = -(-n // ncol)
-    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for k, img in enumerate(imgs):
-        r, c = divmod(k, ncol)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+def save_grid(images: np.ndarray | Tensor, path: str | Path, ncol: int = 8, pad: int = 2, scale: int = 1) -> Path:
+    """Write uint8 images ``[N, H, W, 3]`` as one PNG (atomically), ``ncol`` per row with white padding,
+    each image enlarged ``scale`` times (nearest neighbour): ``torchvision.utils.save_image``."""
+    imgs = torch.from_numpy(np.ascontiguousarray(images.cpu() if isinstance(images, Tensor) else images))
+    if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != torch.uint8:
+        raise ValueError(f"save_grid wants uint8 [N, H, W, 3] (got {imgs.dtype} {tuple(imgs.shape)})")
+    x = imgs.permute(0, 3, 1, 2).float().div(255)
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_image(x, tmp, nrow=ncol, padding=pad, pad_value=1.0, format="PNG")
+    os.replace(tmp, out)
     return out
+
+
+def fill_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of uint8 images ``[n_i, H, W, 3]`` as one batch, each row completed with white images to the
+    longest: ``save_grid(fill_rows(rows), path, ncol=max(n_i))`` shows one row per entry."""
+    ncol = max(len(r) for r in rows)
+    return np.concatenate([np.concatenate([r, np.full((ncol - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows])
 
 
 def region_mask(grid: tuple[int, int], region: str = "center") -> Tensor:

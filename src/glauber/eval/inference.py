@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from data_modules.tokenizers import TextTokenizer, tokenizer_from_state
-from glauber.methods import DiffusionModule, method_class
+from glauber.config import with_defaults
+from glauber.methods import GenerativeModule, method_class
 
 
 def format_samples(texts: list[str]) -> str:
@@ -17,7 +18,7 @@ def format_samples(texts: list[str]) -> str:
     return "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts)) + "\n"
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DiffusionModule:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> GenerativeModule:
     """The LightningModule of a ``glauber train`` checkpoint, in eval mode, EMA weights loaded by default.
 
     A missing file raises ``FileNotFoundError``; an empty, truncated or corrupt file, or one that is not a
@@ -44,7 +45,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
             f"{path} is not a glauber checkpoint (it loads, but lacks the 'glauber' record that `glauber train` writes): "
             "give a <run_dir>/checkpoints/*.ckpt"
         )
-    cfg = g["config"]
+    cfg = with_defaults(g["config"])  # a checkpoint of an older version: renamed keys, defaults added since
     cfg["train"]["compile"] = False
     module = method_class(cfg["method"])(cfg)
     module.build(g["vocab_size"], g["extra"].get("data_info"))
@@ -56,7 +57,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_em
     return module.to(device).eval()
 
 
-def checkpoint_tokenizer(module: DiffusionModule) -> TextTokenizer:
+def checkpoint_tokenizer(module: GenerativeModule) -> TextTokenizer:
     info = module.data_info_.get("tokenizer")
     if info is None:
         raise ValueError("this checkpoint does not record its tokenizer")
@@ -83,7 +84,7 @@ def infill_template(
 
 
 def generate(
-    module: DiffusionModule,
+    module: GenerativeModule,
     num: int,
     batch_size: int,
     seed: int,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-Judge = Callable[[Tensor, Tensor], Tensor]  # (ids [B, N], attention mask [B, N]) -> logits [B, N, V]
+CausalLogits = Callable[[Tensor, Tensor], Tensor]  # (ids [B, N], attention mask [B, N]) -> logits [B, N, V]
 
 
 def scored_mask(ids: Tensor, attention_mask: Tensor, eos_id: int | None) -> Tensor:
@@ -51,7 +51,7 @@ class GenerativePerplexity(Metric):
 
     full_state_update = False
 
-    def __init__(self, judge: Judge, eos_id: int | None, max_length: int = 1024) -> None:
+    def __init__(self, judge: CausalLogits, eos_id: int | None, max_length: int = 1024) -> None:
         super().__init__()
         self.judge, self.eos_id, self.max_length = judge, eos_id, max_length
         self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")

@@ -1,15 +1,60 @@
-"""Plots saved as PNG where users look: the loss curve and the validation loss per noise level."""
+"""Metrics logs and the plots saved as PNG where users look: the loss curve, the validation loss per noise
+level, the comparison figures."""
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import matplotlib
 
+from glauber.files import atomic_write
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+START_STEP = "start_step"  # in logs/version_N/: the global step that start of the run began at
+
+
+def merge_metric_logs(logs_dir: str | Path) -> Path | None:
+    """Write ``logs/metrics.csv``: every start of a run (the first, each resume) has its own Lightning CSV
+    log ``logs/version_N/metrics.csv``; they are joined in order, each resumed start replacing the rows the
+    earlier ones logged from its start step on (but for evaluations made at that step, which it does not
+    repeat: training rows at the start step belong to the batch after the checkpoint). None without logs."""
+    logs = Path(logs_dir)
+    versions = sorted(logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.removeprefix("version_") or 0))
+    if not versions:
+        return None
+    fields: list[str] = []
+    rows: list[dict[str, str]] = []
+    for path in versions:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            new = list(reader)
+        fields += [k for k in reader.fieldnames or [] if k not in fields]
+        start_file = path.parent / START_STEP
+        start = int(start_file.read_text()) if start_file.is_file() else min((_step(r) for r in new), default=0)
+        rows = [r for r in rows if _step(r) < start or (_step(r) == start and _only_evaluations(r))] + new
+
+    def write(f) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.write(text.getvalue().encode())
+
+    atomic_write(logs / "metrics.csv", write)
+    return logs / "metrics.csv"
+
+
+def _step(row: dict[str, str]) -> int:
+    return int(float(row.get("step") or 0))
+
+
+def _only_evaluations(row: dict[str, str]) -> bool:
+    return all(k.startswith("eval/") for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch"))
 
 
 def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:

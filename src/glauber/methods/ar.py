@@ -18,10 +18,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from glauber.core.sampler import clamped_start, draw_categorical
-from glauber.methods.base import DiffusionModule
+from glauber.methods.base import GenerativeModule
 
 
-class ARModule(DiffusionModule):
+class ARModule(GenerativeModule):
     """Next-token prediction with the DDiT backbone (``model.causal`` is forced to true).
 
     ``val/loss`` is the per-token negative log-likelihood in nats (exact, not a bound), comparable with
@@ -29,7 +29,7 @@ class ARModule(DiffusionModule):
     """
 
     def __init__(self, cfg: dict | DictConfig, vocab_size: int | None = None) -> None:
-        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else cfg
         cfg = {**cfg, "model": {**cfg.get("model", {}), "causal": True}}
         super().__init__(cfg, vocab_size)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -21,8 +21,9 @@ from glauber.nn.optim import adamw_with_schedule
 NUM_BUCKETS = 10  # validation loss is also reported per tenth of the noise time, when a method has one
 
 
-class DiffusionModule(L.LightningModule):
-    """Base LightningModule. Subclasses implement ``compute_loss`` and ``sample``.
+class GenerativeModule(L.LightningModule):
+    """Base LightningModule of every method (GGM and its baselines). Subclasses implement ``compute_loss``
+    and ``sample``.
 
     ``vocab_size`` may be unknown at construction (it comes from the data): the network is then
     built in ``configure_model`` from the attached DataModule.
@@ -30,7 +31,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(self, cfg: dict | DictConfig, vocab_size: int | None = None) -> None:
         super().__init__()
-        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else cfg
         self.save_hyperparameters({"cfg": cfg, "vocab_size": vocab_size})
         self.cfg = OmegaConf.create(cfg)
         self.model: DDiT | None = None
@@ -97,9 +98,8 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     # -- evaluation -----------------------------------------------------------------------------
-    def ema_scope(self):
-        from contextlib import nullcontext
-
+    def ema_scope(self) -> AbstractContextManager:
+        """The EMA weights in the live network for a ``with`` block (restored on exit, also on an exception)."""
         return self.ema.scope(self.model) if self.ema is not None else nullcontext()
 
     @contextmanager
@@ -113,26 +113,22 @@ class DiffusionModule(L.LightningModule):
         finally:
             self.model.train(was_training)
 
-    def on_validation_epoch_start(self) -> None:
-        self._ema_ctx = self.ema_scope()
-        self._ema_ctx.__enter__()
-
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """``val/loss`` over the validation batches, and per tenth of the noise time when ``compute_loss``
-        returns a ``time`` in [0, 1] per row. The noise is seeded by batch and rank: every validation
-        sees the same noise."""
+        returns a ``time`` in [0, 1] per row, with the EMA weights (swapped in per batch, so no exception
+        can leave them in). The noise is seeded by batch and rank: every validation sees the same noise.
+        No host sync: rows enter each bucket's mean with weight 1 and the other rows with weight 0."""
         gen = torch.Generator(device=self.device).manual_seed(10_007 * batch_idx + self.global_rank + 17)
-        _, extra = self.compute_loss(batch, gen)
+        with self.ema_scope():
+            _, extra = self.compute_loss(batch, gen)
         per_row = extra["per_row"].float()
         self.val_loss.update(per_row)
         if "nll_per_row" in extra:
             self.val_nll.update(extra["nll_per_row"].float())
         if "time" in extra:
             bucket = (extra["time"] * NUM_BUCKETS).long().clamp(max=NUM_BUCKETS - 1)
-            for k in range(NUM_BUCKETS):
-                sel = bucket == k
-                if bool(sel.any()):
-                    self.val_buckets[k].update(per_row[sel])
+            for k, metric in enumerate(self.val_buckets):
+                metric.update(per_row, weight=(bucket == k).float())
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
@@ -141,11 +137,11 @@ class DiffusionModule(L.LightningModule):
             self.log("val/nll", self.val_nll.compute(), sync_dist=False)
             self.val_nll.reset()
         for k, metric in enumerate(self.val_buckets):
-            # compute() is a DDP collective: every rank takes part for every bucket any rank saw
-            if self.trainer.strategy.reduce_boolean_decision(bool(metric.update_count), all=False):
-                self.log(f"val/loss_t{k}", metric.compute())
+            if metric.update_count:  # every rank updates every bucket (weight 0 for rows elsewhere)
+                value = metric.compute()  # a DDP collective; NaN when no rank saw this tenth of the time
+                if not torch.isnan(value):
+                    self.log(f"val/loss_t{k}", value)
             metric.reset()
-        self._ema_ctx.__exit__(None, None, None)
 
     @abstractmethod
     def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
@@ -166,11 +162,11 @@ class DiffusionModule(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["glauber"] = {
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
             "vocab_size": self.vocab_size,
             "micro_batches_seen": self.micro_batches_seen,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "extra": self.extra_state(),
+            "extra": self.method_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -182,10 +178,11 @@ class DiffusionModule(L.LightningModule):
         self.micro_batches_seen = state["micro_batches_seen"]
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        self.load_extra_state(state["extra"])
+        self.load_method_state(state["extra"])
 
-    def extra_state(self) -> dict:
+    def method_state(self) -> dict:
+        """What a method keeps in checkpoints beside the weights (saved as the ``extra`` entry)."""
         return {"data_info": self.data_info_}
 
-    def load_extra_state(self, state: dict) -> None:  # noqa: B027 - optional hook
-        pass
+    def load_method_state(self, state: dict) -> None:  # noqa: B027 - optional hook
+        """Restore what ``method_state`` saved."""

@@ -15,10 +15,10 @@ from glauber.core.noise import NoiseLaw
 from glauber.core.process import check_batch, make_training_example, step_probs
 from glauber.core.sampler import Denoiser, glauber_sample, infill
 from glauber.core.schedule import GlauberSchedule, check_count, trusted_inputs
-from glauber.methods.base import DiffusionModule
+from glauber.methods.base import GenerativeModule
 
 
-class GGMModule(DiffusionModule):
+class GGMModule(GenerativeModule):
     """GGM training (binary-classification loss at hidden positions) and Glauber sampling."""
 
     def data_info(self, dm: Any) -> dict:
@@ -32,7 +32,7 @@ class GGMModule(DiffusionModule):
         counts = data_info.get("token_counts")
         self.law = NoiseLaw.from_name(p.noise, self.vocab_size, torch.tensor(counts) if counts else None, p.unigram_smoothing)
         base = self.cfg.schedule.positions_per_step
-        self.train_ms = sorted(set(p.train_positions_per_step) or {base})
+        self.train_ms = sorted(set(p.positions_per_step) or {base})
         self._schedules: dict[tuple[int, int], GlauberSchedule] = {}
         self._t_probs: dict[tuple[int, torch.device], Tensor] = {}
         self._laws: dict[torch.device, NoiseLaw] = {}
@@ -98,7 +98,7 @@ class GGMModule(DiffusionModule):
         No host-device synchronisation in training (after the first call): the batches come from the
         DataModule's token cache, checked when it was built, and the first batch is checked here
         once more; everything else runs inside ``trusted_inputs()``. The hidden-set size ``m`` of a
-        training batch (one of ``process.train_positions_per_step``) is drawn on the host from the
+        training batch (one of ``process.positions_per_step``) is drawn on the host from the
         generator's seed, which ``step_generator`` derives from the batch counter: the same ``m`` for
         the same batch on a resumed run, and no device value read back. (A caller reusing one
         generator for several batches therefore gets one ``m``: seed a generator per batch.)"""
@@ -182,5 +182,5 @@ class GGMModule(DiffusionModule):
         sched = self.schedule(positions_per_step, sweeps)
         return float(sched.num_steps + corrector_sweeps * sched.steps_per_sweep)
 
-    def extra_state(self) -> dict:
-        return {**super().extra_state(), "noise_probs": self.law.probs.tolist()}
+    def method_state(self) -> dict:
+        return {**super().method_state(), "noise_probs": self.law.probs.tolist()}

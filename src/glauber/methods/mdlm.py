@@ -18,10 +18,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from glauber.core.sampler import clamped_start, draw_categorical
-from glauber.methods.base import DiffusionModule
+from glauber.methods.base import GenerativeModule
 
 
-class MDLMModule(DiffusionModule):
+class MDLMModule(GenerativeModule):
     """Masked diffusion (MDLM): training on the NELBO, ancestral or caching sampler.
 
     ``val/loss`` is the NELBO per token in nats: an upper bound on the per-token negative

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glauber.schema import choice, option
+
 try:  # optional, never required
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the machine
@@ -34,32 +36,32 @@ SIZES: dict[str, tuple[int, int, int]] = {  # width, blocks, heads
 }
 
 
+Size = choice("Size", SIZES, __name__)
+Attention = choice("Attention", ("auto", "sdpa", "flash"), __name__)
+
+
 @dataclass
 class ModelConfig:
-    """Denoiser options. ``size`` picks width/blocks/heads unless they are given explicitly.
+    """Denoiser options. ``size`` picks width/blocks/heads unless they are given explicitly."""
 
-    condition_on_alpha: add an embedding of each position's signal level ``alpha_i(t)`` to its
-        token embedding (richer than the step alone; lets infilling mark clamped positions clean).
-    tie_head: share the output head with the token embedding (off by default).
-    attention: ``auto`` (flash-attn when installed and running on CUDA in 16 bits, else PyTorch SDPA),
-        ``sdpa`` (always PyTorch), ``flash`` (same as auto; flash-attn is never required).
-    causal: causal self-attention (position ``i`` sees ``<= i``): the autoregressive baseline only.
-    learned_positions: > 0 adds learned absolute position embeddings (for up to that many positions)
-        to rotary attention, which alone only sees offsets; image token grids need it (0 = off).
-    """
-
-    size: str = "tiny"  # tiny | demo | small | medium (width, blocks, heads), see SIZES
-    width: int | None = None  # hidden size (None: the size's)
-    blocks: int | None = None  # transformer blocks (None: the size's)
-    heads: int | None = None  # attention heads (None: the size's)
-    cond_dim: int = 128  # width of the time (and signal-level) conditioning vector for adaLN
-    mlp_ratio: int = 4  # MLP hidden size = mlp_ratio * width
-    dropout: float = 0.1  # dropout in attention output and MLP
-    condition_on_alpha: bool = False
-    tie_head: bool = False
-    attention: str = "auto"
-    causal: bool = False
-    learned_positions: int = 0
+    size: Size = option(Size.tiny, "tiny | demo | small | medium: width, blocks and heads (see SIZES)")
+    width: int | None = option(None, "hidden size (None: the size's)")
+    blocks: int | None = option(None, "transformer blocks (None: the size's)")
+    heads: int | None = option(None, "attention heads (None: the size's)")
+    cond_dim: int = option(128, "width of the time (and signal-level) conditioning vector for adaLN")
+    mlp_ratio: int = option(4, "MLP hidden size = mlp_ratio * width")
+    dropout: float = option(0.1, "dropout in attention output and MLP")
+    condition_on_alpha: bool = option(
+        False, "add an embedding of each position's signal level alpha_i(t) to its token (lets infilling mark clamped positions)"
+    )
+    tie_head: bool = option(False, "share the output head with the token embedding")
+    attention: Attention = option(
+        Attention.auto, "auto (flash-attn when installed, on CUDA, in 16 bits; else PyTorch SDPA) | sdpa | flash (same as auto)"
+    )
+    causal: bool = option(False, "causal self-attention (position i sees <= i): the autoregressive baseline only")
+    learned_positions: int = option(
+        0, "> 0: learned absolute position embeddings for up to that many positions, beside rotary (image grids need it)"
+    )
 
     def resolved(self) -> tuple[int, int, int]:
         if self.size not in SIZES:

@@ -15,27 +15,33 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import Throughput as LightningThroughput
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from glauber.eval.inference import format_samples
 from glauber.eval.judges import evaluate_texts, load_judge
-from glauber.eval.plots import plot_loss_by_noise
+from glauber.eval.plots import START_STEP, plot_loss_by_noise
 
 
 class Throughput(Callback):
-    """Logs ``train/tokens_per_s`` (all processes together) averaged over the last ``window`` batches."""
+    """Logs ``train/tokens_per_s`` (all processes together), a rolling average over ``window`` batches,
+    computed by Lightning's ``Throughput``. Not Lightning's ``ThroughputMonitor``: it calls
+    ``torch.cuda.synchronize()`` after every batch, a host sync the training step is built to avoid;
+    here the clock is read at each batch start, which the queued GPU work paces without a sync."""
 
     def __init__(self, window: int = 20) -> None:
         self.window = window
-        self._times: list[float] = []
-        self._tokens = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.meter = LightningThroughput(window_size=self.window + 1, world_size=trainer.world_size)
+        self._t0, self._batches, self._tokens = time.perf_counter(), 0, 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._tokens = batch.numel() * trainer.world_size
-        self._times.append(time.perf_counter())
-        self._times = self._times[-(self.window + 1) :]
-        if len(self._times) > 1:
-            rate = self._tokens * (len(self._times) - 1) / (self._times[-1] - self._times[0])
+        self.meter.update(time=time.perf_counter() - self._t0, batches=self._batches, samples=self._tokens, lengths=self._tokens)
+        self._batches, self._tokens = self._batches + 1, self._tokens + batch.numel()
+        rate = self.meter.compute().get("items_per_sec")
+        if rate is not None:
             pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
 
@@ -219,7 +225,7 @@ class SlurmRequeue(AtStepBoundary):
             except (OSError, subprocess.SubprocessError) as e:
                 ok, why = False, str(e)
             print(
-                f"[glauber.commands.slurm] step {trainer.global_step}: saved {path}; "
+                f"[glauber.slurm] step {trainer.global_step}: saved {path}; "
                 + (f"requeued job {job}, stopping" if ok else f"scontrol requeue {job} failed ({why}): training on"),
                 file=sys.stderr,
                 flush=True,
@@ -229,42 +235,11 @@ class SlurmRequeue(AtStepBoundary):
             trainer.limit_val_batches = 0  # no final validation on the way out (Lightning runs one on should_stop)
 
 
-def trim_metrics_csv(path: Path, step: int) -> int:
-    """Drop the rows of a CSV metrics log that a run resumed at ``step`` logs again: those of later steps, and
-    those at ``step`` itself except evaluations made at that step (training rows at ``step`` belong to the
-    batch after it, validation rows to the validation after it). Returns the number of rows dropped."""
-    import csv
-
-    if not path.is_file():
-        return 0
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], list(reader)
-
-    def keep(row: dict) -> bool:
-        try:
-            s = int(float(row.get("step") or -1))
-        except ValueError:
-            return True
-        values = {k for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")}
-        return s < step or (s == step and all(k.startswith("eval/") for k in values))
-
-    kept = [r for r in rows if keep(r)]
-    if len(kept) < len(rows):
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, path)
-    return len(rows) - len(kept)
-
-
 class RunInfo(Callback):
-    """At the start of fitting, rank 0 says where the run stands (``[glauber.training.train] ...`` on stderr: in a SLURM
-    log this shows each requeued job resuming), trims the CSV metrics of a resumed run to the rows before its
-    checkpoint (``trim_metrics_csv``), and deletes SLURM ``hpc_ckpt_*.ckpt`` files older than the newest one
-    (each is a full checkpoint; Lightning never removes them)."""
+    """At the start of fitting, rank 0 says where the run stands (``[glauber.train] ...`` on stderr: in a SLURM
+    log this shows each requeued job resuming), records the step it starts at beside the CSV metrics of this
+    start (``logs/version_N/start_step``, read by ``merge_metric_logs``), and deletes SLURM ``hpc_ckpt_*.ckpt``
+    files older than the newest one (each is a full checkpoint; Lightning never removes them)."""
 
     def __init__(self, run_dir: str | Path, resumed_from: str | Path | None, per_device: int, accumulate: int) -> None:
         self.run_dir, self.resumed_from = Path(run_dir), resumed_from
@@ -276,14 +251,16 @@ class RunInfo(Callback):
         where = f"resumed from {self.resumed_from} at" if self.resumed_from else "starting at"
         W = trainer.world_size
         print(
-            f"[glauber.training.train] {where} global step {trainer.global_step} of {trainer.max_steps}; "
+            f"[glauber.train] {where} global step {trainer.global_step} of {trainer.max_steps}; "
             f"{trainer.num_nodes} node(s) x {trainer.num_devices} device(s) = {W} process(es); global batch "
             f"{self.per_device * self.accumulate * W} = {self.per_device} per device x {self.accumulate} accumulation x {W}",
             file=sys.stderr,
             flush=True,
         )
-        if self.resumed_from:
-            trim_metrics_csv(self.run_dir / "logs" / "metrics.csv", trainer.global_step)
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(logger.log_dir) / START_STEP).write_text(f"{trainer.global_step}\n")
         for old in hpc_checkpoints(self.run_dir)[:-1]:
             old.unlink(missing_ok=True)
 

@@ -154,7 +154,7 @@ def run_lock(run_dir: Path, owner: bool) -> Iterator[None]:
                 "or use another train.run_dir"
             ) from None
         except OSError as e:
-            print(f"[glauber.training.train] warning: cannot lock {f.name} ({e}); running unlocked", file=sys.stderr, flush=True)
+            print(f"[glauber.train] warning: cannot lock {f.name} ({e}); running unlocked", file=sys.stderr, flush=True)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

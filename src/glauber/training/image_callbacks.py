@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from glauber.config import sample_options
 from glauber.eval.fid import compute_fid
-from glauber.eval.images import CheckpointImages, region_mask, save_grid, show_mask
+from glauber.eval.images import CheckpointImages, fill_rows, region_mask, save_grid, show_mask
 
 
 def image_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
@@ -50,9 +50,7 @@ class ImageSamples(Callback):
             filled = imgs.infill_ids(real.to(pl_module.device), free, seed=seed, **self.options)
             orig = imgs.decode(real)
             rows += [orig, show_mask(orig, imgs.grid, free), imgs.decode(filled)]
-        ncol = max(len(r) for r in rows)
-        grid = np.concatenate([np.concatenate([r, np.full((ncol - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows])
-        path = save_grid(grid, self.dir / f"step_{trainer.global_step:08d}.png", ncol=ncol)
+        path = save_grid(fill_rows(rows), self.dir / f"step_{trainer.global_step:08d}.png", ncol=max(map(len, rows)))
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)
             if hasattr(exp, "add_image"):

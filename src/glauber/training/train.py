@@ -12,7 +12,6 @@ stopping, and a diverged run stops before a non-finite state reaches a checkpoin
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import sys
@@ -24,17 +23,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.images import ImageTokenDataModule
 from data_modules.text import TextDataModule
 from glauber.config import batch_layout, sample_options
-from glauber.eval.plots import plot_loss_curves
+from glauber.eval.plots import merge_metric_logs, plot_loss_curves
 from glauber.files import AtomicCheckpointIO, atomic_write, remove_partial_files
 from glauber.methods import method_class
 from glauber.training.callbacks import (
@@ -72,47 +69,31 @@ def world_size(cfg: DictConfig) -> int:
     return int(devices) * int(cfg.train.num_nodes)
 
 
-def build_datamodule(cfg: DictConfig, per_device: int, accumulate: int) -> L.LightningDataModule:
-    """The text DataModule, or the VQ-token image DataModule for ``modality: image`` configs."""
-    max_train = cfg.train.max_steps * accumulate * per_device
-    if cfg.get("modality", "text") == "image":
-        return ImageTokenDataModule(OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=max_train)
-    return TextDataModule(OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=max_train)
-
-
-def sample_callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """What is written at validation: decoded text samples, or decoded image grids (+ FID) for images."""
-    if cfg.get("modality", "text") == "image":
-        return image_callbacks(cfg, run_dir)
+def text_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    """Decoded text samples written at each validation."""
     return [ValidationSamples(run_dir, cfg.sample.num_samples, sample_options(cfg))]
 
 
-class _ContinuingWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (with its columns) rather
-    than deleted: a resumed or requeued run keeps the rows from before its checkpoint (``RunInfo`` drops the
-    rows logged after it; ``train`` moves it aside when a run starts from scratch)."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
+# What differs between modalities: the DataModule, and what is written at validation (image grids + FID).
+MODALITIES = {"text": (TextDataModule, text_callbacks), "image": (ImageTokenDataModule, image_callbacks)}
 
 
-class ContinuingCSVLogger(CSVLogger):
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
-        return self._experiment
+def build_datamodule(cfg: DictConfig, per_device: int, accumulate: int) -> L.LightningDataModule:
+    datamodule = MODALITIES[cfg.get("modality", "text")][0]
+    return datamodule(
+        OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=cfg.train.max_steps * accumulate * per_device
+    )
+
+
+def sample_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    return MODALITIES[cfg.get("modality", "text")][1](cfg, run_dir)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     for name in cfg.train.loggers:
         if name == "csv":
-            loggers.append(ContinuingCSVLogger(str(run_dir), name="logs", version=""))
+            loggers.append(CSVLogger(str(run_dir), name="logs"))  # logs/version_N/ per start; see merge_metric_logs
         elif name == "tensorboard":
             loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False))
         elif name == "wandb":
@@ -224,11 +205,15 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, ckpt: Path | None, scan: Che
     if old:
         dest = move_aside(run_dir, old)
         say(f"moved {what} ({', '.join(p.name for p in old)}) to {dest}")
+    legacy = run_dir / "logs" / "metrics.csv"  # a run logged before logs/version_N/: its log becomes version 0
+    if ckpt is not None and legacy.is_file() and not any(legacy.parent.glob("version_*")):
+        (legacy.parent / "version_0").mkdir()
+        os.replace(legacy, legacy.parent / "version_0" / "metrics.csv")
     atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg).encode()))
 
 
 def say(message: str) -> None:
-    print(f"[glauber.training.train] {message}", file=sys.stderr, flush=True)
+    print(f"[glauber.train] {message}", file=sys.stderr, flush=True)
 
 
 class TrainingDiverged(ValueError):
@@ -318,7 +303,7 @@ class StopOnSignal(AtStepBoundary):
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         os.write(
             sys.stderr.fileno(),
-            f"[glauber.training.train] {signal.Signals(signum).name}: saving last.ckpt at the end of this optimizer step, "
+            f"[glauber.train] {signal.Signals(signum).name}: saving last.ckpt at the end of this optimizer step, "
             "then stopping (send it again to stop at once, without saving)\n".encode(),
         )
 
@@ -381,7 +366,7 @@ def _fit(cfg: DictConfig, extra_callbacks: list | None) -> Path:
     per_device, accumulate = batch_layout(cfg.train.global_batch_size, world_size(cfg), cfg.train.micro_batch_size)
     scan = scan_checkpoints(run_dir) if cfg.train.resume == "auto" else None
     ckpt = resume_path(cfg, run_dir, scan)
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if ckpt is not None:
         check_compatible(ckpt, container)
     dm = build_datamodule(cfg, per_device, accumulate)
@@ -397,7 +382,7 @@ def _fit(cfg: DictConfig, extra_callbacks: list | None) -> Path:
         if trainer.is_global_zero:
             prepare_run_dir(cfg, run_dir, ckpt, scan)
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and merge_metric_logs(run_dir / "logs"):
             plot_loss_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "loss.png")
     close_distributed()
     if stop.stopped_by:

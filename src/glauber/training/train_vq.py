@@ -1,23 +1,14 @@
 """Training a small VQ image tokenizer: ``glauber train-vq CONFIG [key=value ...]``.
 
-Loss: ``l1_weight * |x - x_hat| + mse_weight * (x - x_hat)^2 + beta * |z_e - sg(z_q)|^2`` plus the codebook
-term ``|sg(z_e) - z_q|^2`` (or, with ``codebook_ema > 0``, codebook updates by exponential moving averages of
-the assigned encoder outputs instead), the decoder's gradient reaching the encoder by the straight-through
-estimator. No perceptual or adversarial loss: this is the small-scale tokenizer (VQ-VAE style), not
-taming's full VQGAN recipe.
-
-The codebook starts from encoder outputs of the first batch; every ``dead_code_every`` steps the codes
-unused for that many steps ("dead") are re-seeded from encoder outputs of the current batch. Codebook
-usage (perplexity and % of codes used) is logged.
-
-Writes to ``run_dir``: ``vq.ckpt`` (atomic; ``glauber.nn.vq.load_vq`` reads it), ``recon.png`` (held-out
-originals on top, their reconstructions below), ``metrics.csv``, ``config.yaml``.
+The configuration (``VQTrainConfig``), the held-out split of the images, and the run's outputs; the loss and
+the codebook maintenance are ``glauber.training.vq_module.VQTrainModule``'s. Writes to ``run_dir``:
+``vq.ckpt`` (atomic; ``glauber.nn.vq.load_vq`` reads it), ``recon.png`` (held-out originals on top, their
+reconstructions below), ``metrics.csv``, ``config.yaml`` and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,12 +21,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-from torch import Tensor
 
 from data_modules.images import load_images
-from glauber.nn.optim import adamw_with_schedule
-from glauber.nn.vq import VQConfig, VQModel, codebook_usage, save_vq
+from glauber.eval.images import fill_rows, save_grid
+from glauber.nn.vq import VQConfig, save_vq
 from glauber.training.train import cpu_threads
+from glauber.training.vq_module import VQTrainModule
 
 
 @dataclass
@@ -164,232 +155,12 @@ def split_images(images: np.ndarray, val_fraction: float, seed: int) -> tuple[np
     return images[np.sort(perm[n_val:])], images[perm[:n_val]]
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.images[i]
-
-
-# -- the LightningModule ------------------------------------------------------------------------------------
-class VQTrainModule(L.LightningModule):
-    """Trains a ``VQModel`` (``self.model``); the training state (code last-use steps, EMA statistics) lives
-    in buffers of this module, so ``self.model.state_dict()`` keeps the taming layout."""
-
-    def __init__(self, cfg: dict | DictConfig) -> None:
-        super().__init__()
-        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-        self.save_hyperparameters({"cfg": cfg})
-        self.cfg = OmegaConf.create(cfg)
-        self.model = VQModel(VQConfig(**cfg["vq"]))
-        n = self.model.config.n_embed
-        self.register_buffer("last_used", torch.full((n,), -(2**40), dtype=torch.long))  # step a code was last chosen
-        if self.cfg.codebook_ema > 0:
-            self.model.quantize.embedding.weight.requires_grad_(False)
-            self.register_buffer("ema_count", torch.ones(n))
-            self.register_buffer("ema_sum", self.model.quantize.embedding.weight.detach().clone().float())
-        self.codes_reseeded = 0
-        self.val_stats: dict[str, Any] = {}
-        self.recon_pair: tuple[Tensor, Tensor] | None = None
-        self._val: dict[str, Tensor] = {}
-
-    # -- helpers ------------------------------------------------------------------------------------
-    @property
-    def codebook(self) -> Tensor:
-        return self.model.quantize.embedding.weight
-
-    def _reduce(self, t: Tensor) -> Tensor:
-        if self._trainer is not None and self.trainer.world_size > 1:
-            return self.trainer.strategy.reduce(t, reduce_op="sum")
-        return t
-
-    def to_float(self, batch: Tensor, augment: bool = False) -> Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (random horizontal flips when asked)."""
-        x = batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous(memory_format=torch.channels_last)
-        if augment and self.cfg.hflip:
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
-
-    def on_fit_start(self) -> None:
-        self.model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU; same state dict
-
-    # -- codebook maintenance -----------------------------------------------------------------------
-    @torch.no_grad()
-    def reseed_dead_codes(self, z_e: Tensor, step: int) -> Tensor:
-        """Codes unused for ``dead_code_every`` steps (all codes at the first step) get encoder outputs of
-        this batch, drawn at random; returns the indices of the re-seeded codes. Live codes are untouched."""
-        window = max(1, int(self.cfg.dead_code_every))
-        dead = (step - self.last_used) >= window
-        idx = dead.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return idx
-        flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-        gen = torch.Generator(device=flat.device).manual_seed(int(self.cfg.seed) * 1_000_003 + step)
-        k = idx.numel()
-        if flat.shape[0] >= k:
-            new = flat[torch.randperm(flat.shape[0], generator=gen, device=flat.device)[:k]]
-        else:  # fewer vectors than dead codes: repeat some, jittered so that they differ
-            new = flat[torch.randint(flat.shape[0], (k,), generator=gen, device=flat.device)]
-            new = new + 1e-3 * flat.std() * torch.randn(new.shape, generator=gen, device=flat.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            new = self.trainer.strategy.broadcast(new, src=0)  # every rank keeps the same codebook
-        self.codebook[idx] = new.to(self.codebook.dtype)
-        self.last_used[idx] = step  # a grace period of one window
-        if self.cfg.codebook_ema > 0:
-            self.ema_count[idx] = 1.0
-            self.ema_sum[idx] = new
-        return idx
-
-    @torch.no_grad()
-    def ema_update(self, z_e: Tensor, ids: Tensor, counts: Tensor) -> None:
-        decay = float(self.cfg.codebook_ema)
-        flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, ids.reshape(-1), flat)
-        sums = self._reduce(sums)
-        self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
-        self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
-        n, eps = self.ema_count.numel(), 1e-5
-        total = self.ema_count.sum()
-        smoothed = (self.ema_count + eps) / (total + n * eps) * total  # Laplace smoothing keeps empty codes finite
-        self.codebook.copy_((self.ema_sum / smoothed[:, None]).to(self.codebook.dtype))
-
-    # -- training -------------------------------------------------------------------------------------
-    def compute_loss(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """One training step's loss on float images ``x`` (also does the codebook maintenance of ``step``)."""
-        c = self.cfg
-        z_e = self.model.encode_latent(x)
-        if step == 0 or (c.dead_code_every > 0 and step % c.dead_code_every == 0):
-            self.codes_reseeded += self.reseed_dead_codes(z_e, step).numel()
-        z_st, ids, _, codebook_loss, commit_loss = self.model.quantise(z_e)
-        recon = self.model.decode_latent(z_st).float()
-        l1 = (recon - x.float()).abs().mean()
-        mse = (recon - x.float()).pow(2).mean()
-        loss = c.l1_weight * l1 + c.mse_weight * mse + c.beta * commit_loss
-        if c.codebook_ema == 0:
-            loss = loss + codebook_loss
-        counts = self._reduce(torch.bincount(ids.reshape(-1), minlength=c.vq.n_embed).float())
-        with torch.no_grad():
-            self.last_used[counts > 0] = step
-            if c.codebook_ema > 0:
-                self.ema_update(z_e, ids, counts)
-            p = counts / counts.sum()
-            perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-            window = c.dead_code_every if c.dead_code_every > 0 else 100
-            live = ((step - self.last_used) < window).float().mean()
-        stats = {
-            "l1": l1.detach(),
-            "mse": mse.detach(),
-            "psnr": _psnr(mse.detach()),
-            "codebook": codebook_loss.detach(),
-            "commit": commit_loss.detach(),
-            "perplexity": perplexity,
-            "codes_used_pct": 100 * live,
-            "codes_reseeded": torch.tensor(float(self.codes_reseeded), device=x.device),  # in all, the initialisation included
-        }
-        return loss, stats
-
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        step = self.global_step
-        loss, stats = self.compute_loss(self.to_float(batch, augment=True), step)
-        bs = batch.shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
-        for k, v in stats.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("psnr", "codes_used_pct"), on_step=True, on_epoch=False, batch_size=bs)
-        return loss
-
-    def configure_optimizers(self):
-        c = self.cfg
-        codebook = [p for p in self.model.quantize.parameters() if p.requires_grad]
-        rest = [p for n, p in self.model.named_parameters() if not n.startswith("quantize.") and p.requires_grad]
-        groups = [{"params": rest, "weight_decay": c.weight_decay}]
-        if codebook:
-            groups.append({"params": codebook, "weight_decay": 0.0})  # decay would pull the codes to 0
-        return adamw_with_schedule(groups, c, c.max_steps)
-
-    # -- validation: held-out reconstruction error and codebook usage -----------------------------------
-    def on_validation_epoch_start(self) -> None:
-        dev = self.device
-        self._val = {
-            "abs": torch.zeros((), device=dev, dtype=torch.float64),
-            "sq": torch.zeros((), device=dev, dtype=torch.float64),
-            "pixels": torch.zeros((), device=dev, dtype=torch.float64),
-            "counts": torch.zeros(self.cfg.vq.n_embed, device=dev, dtype=torch.float64),
-        }
-        self.recon_pair = None
-
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        x = self.to_float(batch)
-        out = self.model(x)
-        recon = out.recon.float().clamp(-1, 1)
-        diff = recon - x
-        v = self._val
-        v["abs"] += diff.abs().sum().double()
-        v["sq"] += diff.pow(2).sum().double()
-        v["pixels"] += diff.numel()
-        v["counts"] += torch.bincount(out.ids.reshape(-1), minlength=self.cfg.vq.n_embed).double()
-        if batch_idx == 0 and self.cfg.num_recon > 0:
-            k = self.cfg.num_recon
-            self.recon_pair = (batch[:k].cpu(), self.model.to_uint8(recon[:k]).cpu())
-
-    def on_validation_epoch_end(self) -> None:
-        v = {k: self._reduce(t) for k, t in self._val.items()}
-        mse = v["sq"] / v["pixels"].clamp_min(1)
-        counts = v["counts"]
-        p = counts / counts.sum().clamp_min(1)
-        perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-        used = (counts > 0).double().mean()
-        metrics = {
-            "val/l1": (v["abs"] / v["pixels"].clamp_min(1)).float(),
-            "val/mse": mse.float(),
-            "val/psnr": _psnr(mse).float(),
-            "val/perplexity": perplexity.float(),
-            "val/codes_used_pct": (100 * used).float(),
-        }
-        for k, t in metrics.items():
-            self.log(k, t, prog_bar=k == "val/psnr", sync_dist=False)
-        self.val_stats = {k: float(t) for k, t in metrics.items()}
-        usage = codebook_usage(torch.repeat_interleave(torch.arange(len(counts)), counts.long().cpu()), len(counts))
-        self.val_stats["codebook_usage"] = {**usage, "split": "held-out"}
-
-
-def _psnr(mse_pm1: Tensor) -> Tensor:
-    """PSNR in dB of images in [0, 1] from the MSE measured on [-1, 1] pixels (4x the [0, 1] MSE)."""
-    return 10 * torch.log10(4.0 / mse_pm1.clamp_min(1e-12))
-
-
 # -- outputs ------------------------------------------------------------------------------------------------
-def recon_grid(originals: np.ndarray, recons: np.ndarray, cols: int = 16, pad: int = 2, scale: int | None = None) -> np.ndarray:
-    """uint8 [H', W', 3]: rows of originals, each followed by the row of their reconstructions."""
-    n, h, w, _ = originals.shape
-    scale = scale or max(1, 64 // max(h, w))
-    if scale > 1:
-        originals = originals.repeat(scale, 1).repeat(scale, 2)
-        recons = recons.repeat(scale, 1).repeat(scale, 2)
-        h, w = h * scale, w * scale
-    cols = max(1, min(cols, n))
-    pairs = -(-n // cols)
-    canvas = np.full((2 * pairs * (h + pad) + pad + (pairs - 1) * pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        top = pad + r * (2 * (h + pad) + pad)
-        left = pad + col * (w + pad)
-        canvas[top : top + h, left : left + w] = originals[i]
-        canvas[top + h + pad : top + 2 * h + pad, left : left + w] = recons[i]
-    return canvas
-
-
-def write_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def save_recon_grid(originals: np.ndarray, recons: np.ndarray, path: Path, cols: int = 16) -> None:
+    """uint8 ``[N, H, W, 3]`` images as rows of originals, each followed by the row of their reconstructions,
+    enlarged to about 64 px."""
+    rows = [r for k in range(0, len(originals), cols) for r in (originals[k : k + cols], recons[k : k + cols])]
+    save_grid(fill_rows(rows), path, ncol=len(rows[0]), scale=max(1, 64 // max(originals.shape[1:3])))
 
 
 class VQArtifacts(Callback):
@@ -401,23 +172,19 @@ class VQArtifacts(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: VQTrainModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        write_vq_outputs(pl_module, self.run_dir, trainer.global_step)
-
-
-def write_vq_outputs(module: VQTrainModule, run_dir: Path, step: int) -> None:
-    stats = module.val_stats
-    save_vq(
-        run_dir / "vq.ckpt",
-        module.model,
-        train_config=OmegaConf.to_container(module.cfg, resolve=True),
-        codebook_usage=stats.get("codebook_usage"),
-        image_size=int(module.cfg.image_size),
-        step=step,
-        val_metrics={k: v for k, v in stats.items() if k.startswith("val/")},
-    )
-    if module.recon_pair is not None:
-        orig, rec = module.recon_pair
-        write_png(recon_grid(orig.numpy(), rec.numpy()), run_dir / "recon.png")
+        stats = pl_module.val_stats
+        save_vq(
+            self.run_dir / "vq.ckpt",
+            pl_module.model,
+            train_config=OmegaConf.to_container(pl_module.cfg, resolve=True),
+            codebook_usage=stats.get("codebook_usage"),
+            image_size=int(pl_module.cfg.image_size),
+            step=trainer.global_step,
+            val_metrics={k: v for k, v in stats.items() if k.startswith("val/")},
+        )
+        if pl_module.recon_pair is not None:
+            orig, rec = pl_module.recon_pair
+            save_recon_grid(orig.numpy(), rec.numpy(), self.run_dir / "recon.png")
 
 
 # -- the command ----------------------------------------------------------------------------------------------
@@ -438,7 +205,7 @@ def _fit_vq(cfg: DictConfig) -> Path:
     OmegaConf.save(cfg, run_dir / "config.yaml")
     gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = torch.utils.data.DataLoader(
-        _Images(train_images),
+        torch.from_numpy(train_images),  # a tensor is a map-style dataset of its rows
         batch_size=min(cfg.batch_size, len(train_images)),
         shuffle=True,
         drop_last=True,
@@ -446,7 +213,7 @@ def _fit_vq(cfg: DictConfig) -> Path:
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
-    val_loader = torch.utils.data.DataLoader(_Images(val_images), batch_size=max(cfg.batch_size, cfg.num_recon), shuffle=False)
+    val_loader = torch.utils.data.DataLoader(torch.from_numpy(val_images), batch_size=max(cfg.batch_size, cfg.num_recon))
     module = VQTrainModule(cfg)
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
@@ -496,11 +263,3 @@ def _fit_vq(cfg: DictConfig) -> Path:
             f"{u.get('perplexity', float('nan')):.1f}, {100 * u.get('used_fraction', float('nan')):.1f}% of codes used"
         )
     return run_dir
-
-
-__all__ = [
-    "VQTrainConfig",
-    "VQTrainModule",
-    "load_vq_train_config",
-    "train_vq",
-]
