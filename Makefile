@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.glauber-installed
 PYTHON ?= python3
 
-.PHONY: venv test test-all lint demo demo-images compare bench eval-ppl eval-fid train-owt train-owt-small train-celeba train-ffhq train-vq slurm-owt slurm-celeba clean
+.PHONY: venv test test-all lint demo demo-images compare bench bench-gpu eval-ppl eval-fid train-owt train-owt-small train-celeba train-ffhq train-vq slurm-owt slurm-celeba clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,8 +60,11 @@ eval-ppl: $(STAMP)  ## generative perplexity of a checkpoint: make eval-ppl CKPT
 	@test -n "$(CKPT)" || { echo "usage: make eval-ppl CKPT=path/to/last.ckpt [ARGS='--judge gpt2-large --num-samples 256']"; exit 2; }
 	$(VENV)/bin/glauber eval-ppl $(CKPT) $(ARGS)
 
-bench: $(STAMP)  ## speed benchmark (see docs/BENCHMARKS.md); e.g. make bench ARGS="--size small"
+bench: $(STAMP)  ## benchmarks (docs/BENCHMARKS.md): make bench ARGS="--suite throughput|overhead|sampling|memory|gpu ..."
 	$(VENV)/bin/glauber bench $(ARGS)
+
+bench-gpu: $(STAMP)  ## GPU report vs speed of light -> runs/bench-gpu/bench_gpu.{json,md}; without a GPU (or TINY=1) a tiny stand-in run
+	$(VENV)/bin/glauber bench --suite gpu --out $(or $(OUT),runs/bench-gpu) $(if $(TINY),--tiny) $(ARGS)
 
 lint: $(STAMP)  ## ruff, and the layer contract (pyproject.toml [tool.importlinter]): lower layers never import higher ones
 	$(VENV)/bin/ruff check src data_modules tests
