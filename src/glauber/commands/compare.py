@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data_modules.text import TextDataModule
+from glauber.commands.args import device_of
 from glauber.config import load_config
 from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, load_checkpoint
 from glauber.eval.judges import evaluate_texts, load_judge
@@ -66,19 +67,9 @@ class Row:
 
 
 def row_of(method: str, budget: int, nfe: float, nominal_nfe: float, setting: str, res: dict[str, Any], seconds: float) -> Row:
-    return Row(
-        method,
-        budget,
-        nfe,
-        nominal_nfe,
-        setting,
-        res["gen_ppl"],
-        res["gen_ppl_per_seq"],
-        res.get("nll_per_byte", float("nan")),
-        res["unigram_entropy"],
-        seconds,
-        res["num_samples"],
-    )
+    keys = ("gen_ppl", "gen_ppl_per_seq", "nll_per_byte", "unigram_entropy", "num_samples")
+    gen_ppl, per_seq, nll, entropy, n = (res.get(k, math.nan) for k in keys)
+    return Row(method, budget, nfe, nominal_nfe, setting, gen_ppl, per_seq, nll, entropy, seconds, n)
 
 
 def supervised_tokens_per_sequence(cfg: DictConfig) -> float:
@@ -195,8 +186,6 @@ def sample_settings(module: Any, nfes: list[int], correctors: list[int]) -> list
 
 def real_text(cfg: DictConfig, num: int) -> tuple[list[str], torch.Tensor]:
     """``num`` held-out sequences spread evenly over the validation split: texts and token ids."""
-    from omegaconf import OmegaConf
-
     dm = TextDataModule(OmegaConf.to_object(cfg.data), batch_size=1)
     dm.prepare_data()
     dm.setup("validate")
@@ -210,7 +199,7 @@ def real_text(cfg: DictConfig, num: int) -> tuple[list[str], torch.Tensor]:
 
 def run_compare(args: argparse.Namespace) -> list[Row]:
     out = Path(args.out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     nfes = sorted({int(n) for n in args.nfe.split(",")})
     correctors = sorted({int(c) for c in (args.corrector_sweeps or "0").split(",") if c.strip()})
@@ -240,16 +229,8 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
             tok = checkpoint_tokenizer(module)
             for nominal, label, options in sample_settings(module, nfes, correctors):
                 start = time.perf_counter()
-                ids = generate(
-                    module,
-                    args.num_samples,
-                    args.batch_size,
-                    args.seed,
-                    progress=False,
-                    temperature=args.temperature,
-                    float64=True,
-                    **options,
-                )
+                draw = {"progress": False, "temperature": args.temperature, "float64": True, **options}
+                ids = generate(module, args.num_samples, args.batch_size, args.seed, **draw)
                 seconds = time.perf_counter() - start
                 nfe = module.network_calls(**options)  # MDLM's cache calls the network less than its steps
                 texts = [tok.decode(r.tolist()) for r in ids]
@@ -290,20 +271,10 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    parts = [
-        f"--config {args.config}",
-        f"--out {args.out}",
-        f"--methods {args.methods}",
-        *([f"--budgets {args.budgets}"] if args.budgets else []),
-        f"--nfe {args.nfe}",
-        f"--corrector-sweeps {args.corrector_sweeps}",
-        f"--num-samples {args.num_samples}",
-        f"--seed {args.seed}",
-        f"--temperature {args.temperature}",
-    ]
-    if args.judge:
-        parts.append(f"--judge {args.judge}")
-    return parts + list(args.overrides)
+    """The options of this comparison as a command line (recorded with its results)."""
+    names = ("config", "out", "methods", "budgets", "nfe", "corrector_sweeps", "num_samples", "seed", "temperature", "judge")
+    given = [(n, getattr(args, n)) for n in names if getattr(args, n) not in (None, "")]
+    return [f"--{n.replace('_', '-')} {v}" for n, v in given] + list(args.overrides)
 
 
 def results_markdown(rows: list[Row], meta: dict[str, Any]) -> str:

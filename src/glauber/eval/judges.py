@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import Tensor
 
 from data_modules.tokenizers import HubUnreachableError, hub_reachable
@@ -23,9 +24,11 @@ from glauber.eval.metrics import GenerativePerplexity, UnigramEntropy
 
 
 def _hub_cached(name: str) -> bool:
-    from huggingface_hub import constants
-
-    return (Path(constants.HF_HUB_CACHE) / ("models--" + name.replace("/", "--"))).exists()
+    """Whether the hub cache holds model ``name`` (its config.json)."""
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a hub repository id (e.g. a missing local path)
+        return False
 
 
 class HFJudge:

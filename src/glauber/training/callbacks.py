@@ -3,6 +3,7 @@ banner, and checkpoint + requeue on SLURM's warning signal."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -123,8 +124,6 @@ class GenerativePerplexityEval(Callback):
         if step == 0 or step % self.every or step == self._last:
             return
         self._last = step
-        import json
-
         judge = load_judge(self.judge_name, str(pl_module.device))
         ids = draw_share(pl_module, trainer, self.num, pl_module.cfg.train.seed + 999, {**self.options, "float64": True})
         dm = trainer.datamodule
@@ -132,14 +131,8 @@ class GenerativePerplexityEval(Callback):
         report = self.last_report = evaluate_texts(texts, judge, ids, device=pl_module.device, num_samples=self.num)
         if not trainer.is_global_zero:
             return
-        metrics = {
-            "eval/gen_ppl": report["gen_ppl"],
-            "eval/gen_ppl_per_seq": report["gen_ppl_per_seq"],
-            "eval/nll_per_byte": report["nll_per_byte"],
-            "eval/bits_per_byte": report["bits_per_byte"],
-            "eval/ppl_per_byte": report["ppl_per_byte"],
-            "eval/entropy": report["unigram_entropy"],
-        }
+        keys = ("gen_ppl", "gen_ppl_per_seq", "nll_per_byte", "bits_per_byte", "ppl_per_byte", "unigram_entropy")
+        metrics = {f"eval/{k.replace('unigram_', '')}": report[k] for k in keys}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self.out.parent.mkdir(parents=True, exist_ok=True)
