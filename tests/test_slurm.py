@@ -92,7 +92,7 @@ def test_bad_layouts_and_configs_are_refused_before_submitting(tmp_path):
 def test_checkpoint_bookkeeping_for_requeued_runs(tmp_path, monkeypatch):
     from glauber.config import load_config
     from glauber.eval.plots import merge_metric_logs
-    from glauber.training.callbacks import hpc_checkpoints
+    from glauber.training.guards import hpc_checkpoints
     from glauber.training.train import resume_path
 
     for n in (10, 9, 2):

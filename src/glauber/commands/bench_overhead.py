@@ -32,7 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from glauber.config import batch_layout, load_config
 from glauber.core.sampler import glauber_sample
 from glauber.methods import method_class
-from glauber.training.train import DivergenceGuard, RunInfo, StopOnSignal, build_datamodule, build_trainer
+from glauber.training.callbacks import RunInfo
+from glauber.training.guards import DivergenceGuard, StopOnSignal
+from glauber.training.train import build_datamodule, build_trainer
 
 
 def say(message: str) -> None:

@@ -1,15 +1,10 @@
-"""Training callbacks: throughput, text samples and gen-PPL shared out over DDP ranks, noise-level plots, the run
-banner, and checkpoint + requeue on SLURM's warning signal."""
+"""Training callbacks: throughput, text samples and gen-PPL shared out over DDP ranks, noise-level plots and the
+run banner (what stops a run safely is in guards.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from glauber.eval.inference import format_samples
 from glauber.eval.judges import evaluate_texts, load_judge
 from glauber.eval.plots import START_STEP, plot_loss_by_noise
+from glauber.training.guards import hpc_checkpoints
 
 
 class Throughput(Callback):
@@ -138,94 +134,6 @@ class GenerativePerplexityEval(Callback):
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with self.out.open("a") as f:
             f.write(json.dumps({"step": step, **report}) + "\n")
-
-
-def hpc_checkpoints(run_dir: str | Path) -> list[Path]:
-    """``<run_dir>/hpc_ckpt_N.ckpt`` (Lightning's naming for SLURM checkpoints), by ``N``."""
-    named = ((re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name), p) for p in Path(run_dir).glob("hpc_ckpt_*.ckpt"))
-    return [p for _, p in sorted((int(m.group(1)), p) for m, p in named if m)]
-
-
-class AtStepBoundary(Callback):
-    """Base of callbacks that act between optimizer steps only, never mid-accumulation (where the data
-    position and the noise counter are a micro-batch ahead of the weights): ``on_step_boundary`` runs once
-    per optimizer step, at the same point on every rank."""
-
-    _step = -1
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._step = trainer.global_step
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self._step:  # mid-accumulation (same on every rank): wait for the optimizer step
-            return
-        self._step = trainer.global_step
-        self.on_step_boundary(trainer, pl_module)
-
-    def on_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        raise NotImplementedError
-
-
-class SlurmRequeue(AtStepBoundary):
-    """SLURM's warning before the time limit (``sbatch --signal=SIGUSR1@90``) or ``scancel --signal=USR1``:
-    at the end of the optimizer step in progress, all ranks together save ``<run_dir>/hpc_ckpt_N.ckpt``,
-    rank 0 runs ``scontrol requeue``, and training stops; the requeued job (same script, same run
-    directory) resumes from that checkpoint through ``train.resume=auto``.
-
-    It replaces Lightning's own SIGUSR1 handler (``SLURMEnvironment(auto_requeue=False)``), which saves from
-    inside the signal handler wherever the step happens to be: mid-step the data position and the noise
-    counter are already one micro-batch ahead of the weights (mid-accumulation, part of the gradient is
-    lost too), and its save starts a collective at an arbitrary point. Here the handler only sets a flag;
-    the flag is combined over ranks once per optimizer step (one 1-element all-reduce), so the checkpoint
-    is the same kind as ``last.ckpt`` and the resumed run equals an uninterrupted one.
-    """
-
-    def __init__(self, run_dir: str | Path, signum: int = signal.SIGUSR1) -> None:
-        self.run_dir, self.signum = Path(run_dir), signum
-        self.requested = False
-        self._previous: Any = None
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._on_signal)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._previous)
-            self._previous = None
-
-    def on_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):  # any rank signalled
-            return
-        self.requested = False
-        existing = hpc_checkpoints(self.run_dir)
-        number = int(existing[-1].stem.rsplit("_", 1)[1]) + 1 if existing else 1
-        path = self.run_dir / f"hpc_ckpt_{number}.ckpt"
-        trainer.save_checkpoint(path)  # every rank (a barrier inside), rank 0 writes
-        ok = True
-        if trainer.is_global_zero:
-            job = os.environ.get("SLURM_JOB_ID", "")
-            if os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            try:
-                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-                ok, why = done.returncode == 0, (done.stderr or done.stdout).strip()
-            except (OSError, subprocess.SubprocessError) as e:
-                ok, why = False, str(e)
-            print(
-                f"[glauber.slurm] step {trainer.global_step}: saved {path}; "
-                + (f"requeued job {job}, stopping" if ok else f"scontrol requeue {job} failed ({why}): training on"),
-                file=sys.stderr,
-                flush=True,
-            )
-        if trainer.strategy.broadcast(ok, src=0):
-            trainer.should_stop = True
-            trainer.limit_val_batches = 0  # no final validation on the way out (Lightning runs one on should_stop)
 
 
 class RunInfo(Callback):

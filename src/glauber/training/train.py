@@ -13,13 +13,9 @@ stopping, and a diverged run stops before a non-finite state reaches a checkpoin
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -34,15 +30,7 @@ from glauber.config import batch_layout, sample_options
 from glauber.eval.plots import merge_metric_logs, plot_loss_curves
 from glauber.files import AtomicCheckpointIO, atomic_write, remove_partial_files
 from glauber.methods import method_class
-from glauber.training.callbacks import (
-    AtStepBoundary,
-    GenerativePerplexityEval,
-    LossByNoisePlot,
-    RunInfo,
-    SlurmRequeue,
-    Throughput,
-    ValidationSamples,
-)
+from glauber.training.callbacks import GenerativePerplexityEval, LossByNoisePlot, RunInfo, Throughput, ValidationSamples
 from glauber.training.checkpoint import (
     CheckpointScan,
     check_compatible,
@@ -52,6 +40,7 @@ from glauber.training.checkpoint import (
     run_lock,
     scan_checkpoints,
 )
+from glauber.training.guards import DivergenceGuard, SlurmRequeue, StopOnSignal, say
 from glauber.training.image_callbacks import image_callbacks
 
 
@@ -210,134 +199,6 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, ckpt: Path | None, scan: Che
         (legacy.parent / "version_0").mkdir()
         os.replace(legacy, legacy.parent / "version_0" / "metrics.csv")
     atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg).encode()))
-
-
-def say(message: str) -> None:
-    print(f"[glauber.train] {message}", file=sys.stderr, flush=True)
-
-
-class TrainingDiverged(ValueError):
-    """A non-finite training loss or weights (``glauber train`` prints the message and exits 2)."""
-
-
-class DivergenceGuard(Callback):
-    """Stops the run at the first non-finite training or validation loss, and before non-finite weights reach
-    a checkpoint.
-
-    The losses of an optimizer step's micro-batches are checked at its end (one host sync per step; the ranks
-    agree through a one-element all-reduce), the validation loss before the checkpoints taken at validation,
-    and the weights whenever a checkpoint is about to be written (all ranks take part). Each raises
-    ``TrainingDiverged``, so no later checkpoint, ``last.ckpt`` included, holds the diverged state."""
-
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
-        self._finite: torch.Tensor | None = None
-        self._step = -1
-        self._saved_step: int | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._step = trainer.global_step
-        self._saved_step = trainer.global_step or None  # a resumed run's checkpoint
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            finite = torch.isfinite(loss.detach()).all()
-            self._finite = finite if self._finite is None else self._finite & finite
-        if trainer.global_step == self._step:  # mid-accumulation: wait for the optimizer step
-            return
-        step, self._step = self._step, trainer.global_step
-        finite = True if self._finite is None else bool(self._finite)
-        self._finite = None
-        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise self._diverged(f"the training loss at global step {step} is not finite")
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("val/loss")
-        finite = loss is None or bool(torch.isfinite(loss).all())
-        if not trainer.sanity_checking and not trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise self._diverged(f"the validation loss at global step {trainer.global_step} is not finite")
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        params = [p.detach() for p in pl_module.parameters() if p.is_floating_point()]
-        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
-        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise self._diverged(f"the weights are not finite at global step {trainer.global_step}")
-        self._saved_step = trainer.global_step
-
-    def _diverged(self, what: str) -> TrainingDiverged:
-        kept = f" (the newest at global step {self._saved_step})" if self._saved_step is not None else ""
-        return TrainingDiverged(
-            f"training diverged: {what}. Likely cause: a learning rate too high for this model and batch "
-            f"(optim.lr={self.lr:g}): start over (train.resume=never keeps this run in previous/) with a lower "
-            "optim.lr, a longer optim.warmup_steps or optim.grad_clip on; else bad input data. Nothing of the "
-            f"diverged state was saved; the checkpoints already written are kept{kept}."
-        )
-
-
-class StopOnSignal(AtStepBoundary):
-    """SIGINT (Ctrl+C) or SIGTERM (``kill``, ``docker stop``, ``scancel``): finish the optimizer step in
-    progress, save ``last.ckpt``, and stop; ``train`` then exits with 128 + the signal's number (130, 143).
-    A second signal stops at once, without saving (KeyboardInterrupt).
-
-    The handlers are installed at ``on_train_start``, after Lightning's own SIGTERM handler (which would end
-    the run with exit code 0 and nothing saved), and put back at the end. As in ``SlurmRequeue``, the
-    handler only sets a flag; the ranks agree on it once per optimizer step (a one-element all-reduce), so
-    ``last.ckpt`` is taken between steps and a resumed run equals an uninterrupted one."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, last_ckpt: Path) -> None:
-        self.last = last_ckpt
-        self.received = 0  # the signal this process got
-        self.stopped_by = 0  # the signal the run stopped for (the same on every rank)
-        self._previous: dict[int, Any] = {}
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.received:
-            self._restore()
-            raise KeyboardInterrupt
-        self.received = signum
-        # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
-        os.write(
-            sys.stderr.fileno(),
-            f"[glauber.train] {signal.Signals(signum).name}: saving last.ckpt at the end of this optimizer step, "
-            "then stopping (send it again to stop at once, without saving)\n".encode(),
-        )
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
-
-    def on_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        signum = self.received
-        if trainer.world_size > 1:  # the signal any rank got
-            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device), reduce_op="max"))
-        if not signum:
-            return
-        trainer.save_checkpoint(self.last)  # every rank (a barrier inside), rank 0 writes
-        self.stopped_by = signum
-        if trainer.is_global_zero:
-            say(
-                f"{signal.Signals(signum).name}: saved {self.last} at global step {trainer.global_step}; stopping "
-                f"(exit code {128 + signum}). Run the same command to resume."
-            )
-        trainer.should_stop = True
-        trainer.limit_val_batches = 0  # no final validation on the way out (Lightning runs one on should_stop)
 
 
 @contextmanager
