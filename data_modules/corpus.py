@@ -1,10 +1,9 @@
 """Text corpora: where the documents of a text source come from and how they are read.
 
 A local ``.txt`` file is ONE document, read ``TXT_CHUNK_BYTES`` at a time and cut only where GPT-2's
-pre-tokenizer cannot merge across (``_safe_cut``), so its ids equal a one-shot tokenisation and memory
-does not grow with the file. Each row of a ``.jsonl``/``.json``/``.parquet`` file or a hub dataset is one
-document, tokenised with ``datasets.map``. An unreadable file (binary, not UTF-8, a broken JSON line) is
-refused naming the file and line. ``documents`` picks the train and validation documents of a config.
+pre-tokenizer cannot merge across, so its ids equal a one-shot tokenisation while memory stays bounded.
+Each row of a ``.jsonl``/``.json``/``.parquet`` file or a hub dataset is one document. An unreadable file
+is refused naming the file and line.
 """
 
 from __future__ import annotations
@@ -20,59 +19,54 @@ import numpy as np
 
 from data_modules.fingerprint import file_sha256, json_digest
 from data_modules.hub import load_hub_dataset
+from data_modules.paths import candidates, find_path
 from data_modules.token_cache import token_dtype
 from data_modules.tokenizers import CharTokenizer, TextTokenizer
 
-TXT_CHUNK_BYTES = 1 << 20  # .txt files are tokenised this many bytes at a time (memory does not grow with the file)
+TXT_CHUNK_BYTES = 1 << 20
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def is_local_source(source: str) -> bool:
     """Local when it has a corpus extension, glob characters, a path prefix, or exists; else a hub name."""
-    p = Path(source).expanduser()
     return (
         any(c in source for c in "*?[")
-        or p.suffix in BUILDERS
+        or Path(source).suffix in BUILDERS
         or source.startswith(("/", ".", "~"))
         or source.count("/") > 1
-        or p.exists()
-        or (PROJECT_ROOT / p).exists()
+        or find_path(source) is not None
     )
 
 
-def local_files(source: str) -> list[Path]:
-    """The corpus files a local source names: a file, the supported files under a directory, or a glob.
+def _files_under(base: Path) -> list[Path]:
+    if any(c in str(base) for c in "*?["):
+        return [Path(f) for f in sorted(glob.glob(str(base), recursive=True)) if Path(f).is_file()]
+    if base.is_dir():
+        return sorted(f for f in base.rglob("*") if f.is_file())
+    return [base] if base.is_file() else []
 
-    A relative path is looked up in the working directory, then in the project root.
-    """
-    p = Path(source).expanduser()
-    bases = [p] if p.is_absolute() else [Path.cwd() / p, PROJECT_ROOT / p]
-    looked = []
-    for base in dict.fromkeys(bases):
-        looked.append(str(base))
-        if any(c in str(base) for c in "*?["):
-            found = [Path(f) for f in sorted(glob.glob(str(base), recursive=True)) if Path(f).is_file()]
-        elif base.is_dir():
-            found = sorted(f for f in base.rglob("*") if f.is_file())
-        elif base.is_file():
-            found = [base]
-        else:
-            found = []
-        found = [f for f in found if f.suffix in BUILDERS]
+
+def local_files(source: str) -> list[Path]:
+    """The corpus files a local source names (a file, the supported files under a directory, or a glob)."""
+    looked = candidates(source)
+    for base in looked:
+        found = [f for f in _files_under(base) if f.suffix in BUILDERS]
         if found:
             kinds = {BUILDERS[f.suffix] for f in found}
             if len(kinds) > 1:
                 raise ValueError(f"data source {source!r} mixes file kinds {sorted(kinds)}: point it at files of one kind")
             return found
     raise FileNotFoundError(
-        f"data source {source!r}: no {'/'.join(BUILDERS)} files found; looked for {' and '.join(looked)}. "
+        f"data source {source!r}: no {'/'.join(BUILDERS)} files found; looked for {' and '.join(map(str, looked))}. "
         "Pass data.source=/path/to/file.txt (or a directory, or a glob like '/data/*.jsonl'), or a hub dataset name"
     )
 
 
+def names_of(files: list[Path]) -> str:
+    return ", ".join(str(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+
+
 def corpus_digest(files: list[Path], val_files: list[Path] | None = None) -> str:
-    """A hash of the content of the corpus (and validation) files: part of a local corpus's cache key."""
     return json_digest({"train": [file_sha256(f) for f in files], "val": [file_sha256(f) for f in val_files or []]})
 
 
@@ -93,22 +87,11 @@ def offline_message(name: str, cache: Path) -> str:
 
 
 def load_hub(name: str, timeout_s: float, cache: Path) -> Any:
-    """The ``DatasetDict`` of hub dataset ``name``; refuses within ``timeout_s`` when offline and uncached."""
     return load_hub_dataset(name, timeout_s, offline_message(name, cache))
 
 
 class BadCorpusError(ValueError):
     """A corpus file that cannot be read as text: the message names the file, where, and what to do."""
-
-
-def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, line0: int, offset0: int) -> BadCorpusError:
-    line = line0 + data[: err.start].count(b"\n") + 1
-    bad = data[err.start : err.start + 1].hex()
-    return BadCorpusError(
-        f"corpus file {path} is not UTF-8 text: byte 0x{bad} at line {line} (byte offset {offset0 + err.start}) is "
-        f"not valid UTF-8 (a latin-1 or other legacy encoding?). Convert it, e.g. "
-        f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`, and point data.source at the result"
-    )
 
 
 def _binary(path: Path, offset: int) -> BadCorpusError:
@@ -119,28 +102,34 @@ def _binary(path: Path, offset: int) -> BadCorpusError:
 
 
 def _decode(path: Path, data: bytes, line0: int, offset0: int) -> str:
-    """``data`` (bytes of ``path`` from ``offset0``, after ``line0`` lines) as text, or a clear error."""
+    """``data`` (bytes of ``path`` from ``offset0``, after ``line0`` lines) as text."""
     nul = data.find(b"\0")
     if nul >= 0:
         raise _binary(path, offset0 + nul)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, data, e, line0, offset0) from None
+        err = e
+    line = line0 + data[: err.start].count(b"\n") + 1
+    raise BadCorpusError(
+        f"corpus file {path} is not UTF-8 text: byte 0x{data[err.start : err.start + 1].hex()} at line {line} (byte offset "
+        f"{offset0 + err.start}) is not valid UTF-8 (a latin-1 or other legacy encoding?). Convert it, e.g. "
+        f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`, and point data.source at the result"
+    )
 
 
 def diagnose_json_files(files: list[Path], field: str | None = None) -> None:
-    """Raise ``BadCorpusError`` naming the first unreadable file and line of JSON-lines corpus files
-    (binary, not UTF-8, broken JSON, not an object), or the empty corpus; return when none is found."""
-    rows = 0
+    """Raise ``BadCorpusError`` naming the first unreadable file and line of JSON-lines corpus files, or the
+    empty corpus; return when none is found."""
+    rows, example = 0, f'{{"{field or "text"}": "..."}}'
     for path in files:
         if path.suffix == ".json":
             try:
                 json.loads(path.read_text(encoding="utf-8"))
                 rows += 1
-                continue  # a single JSON document (an array of rows): fine
+                continue  # a single JSON document (an array of rows)
             except (UnicodeDecodeError, json.JSONDecodeError):
-                pass  # maybe JSON lines: look line by line
+                pass  # maybe JSON lines
         offset = 0
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -153,41 +142,37 @@ def diagnose_json_files(files: list[Path], field: str | None = None) -> None:
                 except json.JSONDecodeError as e:
                     raise BadCorpusError(
                         f"line {n} of {path} is not valid JSON ({e.msg} at column {e.colno}): fix or delete that line "
-                        f'(each line of a .jsonl file is one JSON object, e.g. {{"{field or "text"}": "..."}})'
+                        f"(each line of a .jsonl file is one JSON object, e.g. {example})"
                     ) from None
                 if not isinstance(row, dict):
                     raise BadCorpusError(
                         f"line {n} of {path} is a JSON {type(row).__name__}, not an object: each line must be one object "
-                        f'like {{"{field or "text"}": "..."}}'
+                        f"like {example}"
                     )
                 rows += 1
     if rows == 0:
-        names = ", ".join(str(f) for f in files[:5])
-        raise BadCorpusError(f"the corpus is empty: {names} hold no JSON rows; point data.source at non-empty files")
+        raise BadCorpusError(f"the corpus is empty: {names_of(files)} hold no JSON rows; point data.source at non-empty files")
 
 
 def load_local(files: list[Path], workdir: Path) -> Any:
-    """A ``Dataset`` of documents from local .jsonl/.json/.parquet files (its arrow copy lives in ``workdir``,
-    deleted after the build). An unreadable file gives one message naming it (and the line), not a traceback."""
+    """A ``Dataset`` of documents from local .jsonl/.json/.parquet files (arrow copy in ``workdir``); an
+    unreadable file gives one message naming it, not a traceback."""
     from datasets import load_dataset
 
     builder = BUILDERS[files[0].suffix]
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
-        return load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=str(workdir / "hf"), **kwargs)
+        return load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=str(workdir / "hf"))
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; find the culprit ourselves
         error = e
-    if builder == "json":  # outside the except block: the message stands alone, without datasets' traceback
+    if builder == "json":  # outside the except block: no chained traceback
         diagnose_json_files(files)
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    names = ", ".join(str(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    raise BadCorpusError(f"cannot read the {builder} corpus files {names}: {type(error).__name__}: {first}")
+    raise BadCorpusError(f"cannot read the {builder} corpus files {names_of(files)}: {type(error).__name__}: {first}")
 
 
 def _safe_cut(buf: bytes, lo: int = 0) -> int:
-    """The last position where ``buf`` may be split so that GPT-2's pre-tokenizer (hence BPE) sees the same
-    pieces on both sides as in the whole text: just before a newline that is followed by a printable ASCII
-    character (before its ``\\r`` for ``\\r\\n``), at or after ``lo``; 0 when there is none."""
+    """The last place at or after ``lo`` where ``buf`` may be split without changing GPT-2's pre-tokens: just
+    before a newline followed by printable ASCII (before its ``\\r`` for ``\\r\\n``); 0 when there is none."""
     q = len(buf) - 1
     while True:
         q = buf.rfind(b"\n", max(lo, 0), q)
@@ -200,13 +185,8 @@ def _safe_cut(buf: bytes, lo: int = 0) -> int:
 
 
 class TextFiles:
-    """Local ``.txt`` files, each one document, read and tokenised ``chunk_bytes`` at a time.
-
-    Chunks end where no BPE merge or pre-token can cross (``_safe_cut``), so the token stream equals the
-    one-shot tokenisation of each whole file, with memory bounded by the chunk (a file without such a
-    place, e.g. one long line, is read whole). Newlines are translated as Python's text mode does
-    (``\\r\\n`` and ``\\r`` become ``\\n``), as the ``datasets`` text loader did before.
-    """
+    """Local ``.txt`` files, each one document, read and tokenised ``chunk_bytes`` at a time (a file without
+    a safe cut, e.g. one long line, is read whole). Newlines are translated as in Python's text mode."""
 
     def __init__(self, files: list[Path], chunk_bytes: int = TXT_CHUNK_BYTES):
         if chunk_bytes < 1:
@@ -217,7 +197,6 @@ class TextFiles:
         return len(self.files)
 
     def chunks(self, path: Path) -> Iterator[str]:
-        """The text of ``path``, in pieces of about ``chunk_bytes`` bytes."""
         buf, offset, lines = b"", 0, 0
         with open(path, "rb") as f:
             while True:
@@ -228,7 +207,7 @@ class TextFiles:
                 seen, buf = len(buf), buf + data
                 cut = _safe_cut(buf, seen - 2) if data else len(buf)  # the bytes before had no safe place
                 if cut == 0 and data:
-                    continue  # no safe place yet: read on
+                    continue
                 piece, buf = buf[:cut], buf[cut:]
                 text = _decode(path, piece, lines, offset)
                 offset, lines = offset + len(piece), lines + piece.count(b"\n")
@@ -254,11 +233,11 @@ class TextFiles:
 
 
 class DatasetDocs:
-    """The documents of a ``datasets.Dataset`` (one per row of column ``field``), tokenised with ``datasets.map``."""
+    """The documents of a ``datasets.Dataset`` (one per row of column ``field``), tokenised with ``datasets.map``;
+    ``files``: the local files the rows come from (named when one turns out unreadable)."""
 
     def __init__(self, ds: Any, field: str, num_proc: int, work: Path, tag: str, files: list[Path] | None = None):
-        self.ds, self.field, self.num_proc, self.work, self.tag = ds, field, num_proc, work, tag
-        self.files = files  # local files the rows come from (named when one turns out unreadable)
+        self.ds, self.field, self.num_proc, self.work, self.tag, self.files = ds, field, num_proc, work, tag, files
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -270,8 +249,8 @@ class DatasetDocs:
         yield from self._guarded(iter_tokens(tokenise(self.ds, tokenizer, self.field, self.num_proc, self.work, self.tag)))
 
     def _guarded(self, it: Iterator[Any]) -> Iterator[Any]:
-        """``it``, with a decoding failure of a local file (``datasets`` reads latin-1 JSON lines without
-        complaint, then fails on the text) turned into one message naming the file and line."""
+        """``it``, with a decoding failure of a local file (``datasets`` reads latin-1 JSON lines, then fails
+        on the text) turned into one message naming the file and line."""
         try:
             yield from it
             return
@@ -281,25 +260,22 @@ class DatasetDocs:
             error = e
         if BUILDERS[self.files[0].suffix] == "json":  # outside the except block: no chained traceback
             diagnose_json_files(self.files, self.field)
-        names = ", ".join(str(f) for f in self.files[:5])
-        raise BadCorpusError(f"cannot read the corpus files {names}: {error}")
+        raise BadCorpusError(f"cannot read the corpus files {names_of(self.files)}: {error}")
 
 
 def text_column(ds: Any, field: str, source: str, files: list[Path] | None = None) -> str:
-    """The text column to read (``text`` for .txt files), checked to exist."""
     names = ds.column_names
     if field in names:
         return field
     if names == ["text"]:
         return "text"
-    where = f" ({', '.join(str(f) for f in files[:5])})" if files else ""
+    where = f" ({names_of(files)})" if files else ""
     raise ValueError(
         f"data source {source!r}{where} has no field {field!r} (its fields: {names}): set data.text_field to the "
         "one holding the text, e.g. data.text_field=" + (names[0] if names else "text")
     )
 
 
-# -- tokenisation and the cache ----------------------------------------------------------------
 class _Tokenise:
     """Batched map function: token ids of each document, EOS appended (picklable for ``num_proc``)."""
 
@@ -314,18 +290,17 @@ class _Tokenise:
 
 
 def tokenise(ds: Any, tokenizer: TextTokenizer, field: str, num_proc: int, workdir: Path, tag: str) -> Any:
-    """``ds`` with columns ``ids`` (token ids) and ``n`` (their count), written under ``workdir``."""
+    """``ds`` with columns ``ids`` and ``n`` (their count), written under ``workdir``."""
     from datasets import Features, List, Value
 
     dtype = token_dtype(tokenizer.vocab_size)
-    features = Features({"ids": List(Value(dtype.name)), "n": Value("int64")})
     return ds.map(
         _Tokenise(tokenizer, field),
         batched=True,
         batch_size=256,
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=ds.column_names,
-        features=features,
+        features=Features({"ids": List(Value(dtype.name)), "n": Value("int64")}),
         cache_file_name=str(workdir / f"{tag}.arrow"),
         new_fingerprint=hashlib.sha256(f"{tag}-{tokenizer.fingerprint()}".encode()).hexdigest()[:16],
         desc=f"tokenising {tag}",
@@ -333,63 +308,57 @@ def tokenise(ds: Any, tokenizer: TextTokenizer, field: str, num_proc: int, workd
 
 
 def iter_tokens(tok_ds: Any, batch_size: int = 1024) -> Iterator[np.ndarray]:
-    """The token stream of a tokenised dataset, a block of documents at a time."""
     import pyarrow.compute as pc
 
     for table in tok_ds.with_format("arrow").iter(batch_size=batch_size):
         yield pc.list_flatten(table.column("ids")).to_numpy()
 
 
-def _local_docs(files: list[Path], field: str, source: str, cfg: Any, work: Path, tag: str, chunk_bytes: int) -> Any:
+def _local_docs(files: list[Path], source: str, cfg: Any, work: Path, tag: str, chunk_bytes: int) -> Any:
     if BUILDERS[files[0].suffix] == "text":
         return TextFiles(files, chunk_bytes)
     ds = load_local(files, work)
-    return DatasetDocs(ds, text_column(ds, field, source, files), cfg.num_proc, work, tag, files)
+    return DatasetDocs(ds, text_column(ds, cfg.text_field, source, files), cfg.num_proc, work, tag, files)
 
 
-def documents(
-    cfg: Any, cache: Path, files: list[Path] | None, work: Path, chunk_bytes: int = TXT_CHUNK_BYTES
-) -> tuple[Any, Any, str]:
+def _hub_docs(ds: Any, source: str, cfg: Any, work: Path, tag: str) -> DatasetDocs:
+    return DatasetDocs(ds, text_column(ds, cfg.text_field, source), cfg.num_proc, work, tag)
+
+
+def documents(cfg: Any, cache: Path, files: list[Path] | None, work: Path, chunk_bytes: int = TXT_CHUNK_BYTES) -> tuple:
     """Train and validation documents (``TextFiles`` or ``DatasetDocs``; val None: cut the token stream by
     ``val_fraction``) and the rule used."""
+    val, rule = None, f"last {cfg.val_fraction} of the token stream"
     if files is not None:
-        train = _local_docs(files, cfg.text_field, cfg.source, cfg, work, "train", chunk_bytes)
+        train = _local_docs(files, cfg.source, cfg, work, "train", chunk_bytes)
     else:
         dd = load_hub(cfg.source, cfg.hf_offline_timeout_s, cache)
         if "train" not in dd:
             raise ValueError(f"hub dataset {cfg.source!r} has no train split (splits: {list(dd)})")
-        ds = dd["train"]
+        ds, val_ds = dd["train"], dd.get("validation")
         field = text_column(ds, cfg.text_field, cfg.source)
         if cfg.val_source is None:
-            n = len(ds)
-            if "validation" in dd:
-                val_ds, rule = dd["validation"], "hub validation split"
+            n, k = len(ds), cfg.val_documents
+            if val_ds is not None:
+                rule = "hub validation split"
+            elif not 0 < k < n:
+                raise ValueError(f"data.val_documents={k} must be in (0, {n}) for {cfg.source!r}: lower it")
             else:
-                k = cfg.val_documents
-                if not 0 < k < n:
-                    raise ValueError(f"data.val_documents={k} must be in (0, {n}) for {cfg.source!r}: lower it")
                 ds, val_ds, rule = ds.select(range(n - k)), ds.select(range(n - k, n)), f"last {k} train documents"
-            val_field = text_column(val_ds, cfg.text_field, cfg.source)
-            return (
-                DatasetDocs(ds, field, cfg.num_proc, work, "train"),
-                DatasetDocs(val_ds, val_field, cfg.num_proc, work, "val"),
-                rule,
-            )
+            val = _hub_docs(val_ds, cfg.source, cfg, work, "val")
         train = DatasetDocs(ds, field, cfg.num_proc, work, "train")
     if cfg.val_source is not None:
         vfiles = val_files(cfg)
         if vfiles is not None:
-            val = _local_docs(vfiles, cfg.text_field, cfg.val_source, cfg, work, "val", chunk_bytes)
+            val = _local_docs(vfiles, cfg.val_source, cfg, work, "val", chunk_bytes)
         else:
             vd = load_hub(cfg.val_source, cfg.hf_offline_timeout_s, cache)
-            vds = vd["validation"] if "validation" in vd else vd["train"]
-            val = DatasetDocs(vds, text_column(vds, cfg.text_field, cfg.val_source), cfg.num_proc, work, "val")
-        return train, val, f"val_source {cfg.val_source}"
-    return train, None, f"last {cfg.val_fraction} of the token stream"
+            val = _hub_docs(vd["validation"] if "validation" in vd else vd["train"], cfg.val_source, cfg, work, "val")
+        rule = f"val_source {cfg.val_source}"
+    return train, val, rule
 
 
 def char_vocabulary(train: Any, val: Any, where: str) -> CharTokenizer:
-    """The character tokenizer of a corpus: every character of its train and validation documents."""
     chars: set[str] = set()
     for docs in (train, val):
         if docs is not None:

@@ -1,6 +1,5 @@
-"""Content fingerprints of data files, shared by the text and image token caches: a streamed sha256 per
-file (remembered per path, size and mtime within the process), the signature and digest of a list of
-files, and the newest complete cache of a source whose files are gone."""
+"""Content fingerprints of data files, shared by the text and image token caches, and the newest
+complete cache of a source whose files are gone."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ _SHA256_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (remembered per path, size and mtime in this process)."""
+    """sha256 of a file's bytes, streamed (remembered per path, size and mtime in this process)."""
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
@@ -35,13 +34,12 @@ def files_signature(files: list[Path]) -> list[list[Any]]:
 
 
 def json_digest(obj: Any) -> str:
-    """sha256 of ``obj`` as JSON (for digests of lists of file hashes)."""
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
 def newest_cache(root: Path, base: str, usable: Callable[[Path], bool]) -> tuple[Path | None, int]:
-    """The most recently completed cache ``<root>/<base>-<12 hex digits>`` that is ``usable`` (its
-    meta.json is the clock), and how many usable ones there are; for a local source whose files are gone."""
+    """The most recently completed (by meta.json's mtime) ``usable`` cache ``<root>/<base>-<12 hex digits>``,
+    and how many usable ones there are."""
     pattern = re.compile(re.escape(base) + r"-[0-9a-f]{12}")
     found = [
         ((d / "meta.json").stat().st_mtime_ns, d)

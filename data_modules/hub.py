@@ -1,11 +1,6 @@
 """Hugging Face hub datasets without waiting on the network: a fast reachability probe, and loading from
-the local hub cache when huggingface.co cannot be reached.
-
-Offline loading uses the libraries' own cache-only calls, never their module globals:
-``huggingface_hub.snapshot_download(..., local_files_only=True)`` finds the cached snapshot of a dataset
-repository (or raises), and ``datasets.load_dataset`` reads that local folder, which needs no network.
-A user who sets ``HF_HUB_OFFLINE=1`` gets the libraries' offline mode as documented; nothing here changes it.
-"""
+the local hub cache (the libraries' own cache-only calls, never their module globals) when huggingface.co
+cannot be reached. ``HF_HUB_OFFLINE=1`` keeps its documented meaning."""
 
 from __future__ import annotations
 
@@ -21,7 +16,7 @@ class HubUnreachableError(ValueError):
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to huggingface.co:443 opens within ``timeout_s`` (a fast offline check)."""
+    """Whether a TCP connection to huggingface.co:443 opens within ``timeout_s``."""
     try:
         with socket.create_connection(HF_HOST, timeout=timeout_s):
             return True
@@ -41,13 +36,12 @@ def cached_snapshot(name: str) -> Path | None:
 
 
 def hf_cached(name: str) -> bool:
-    """Whether the local hub cache holds dataset ``name`` (so it loads without the network)."""
     return cached_snapshot(name) is not None
 
 
 def load_hub_dataset(name: str, timeout_s: float, offline_message: str, split: str | None = None) -> Any:
-    """``datasets.load_dataset(name, split=split)``; when huggingface.co does not answer within ``timeout_s``,
-    the copy in the local hub cache, else ``HubUnreachableError(offline_message)`` at once."""
+    """``datasets.load_dataset(name, split=split)``, or its local hub-cache copy when huggingface.co does not
+    answer within ``timeout_s``, else ``HubUnreachableError(offline_message)`` at once."""
     from datasets import load_dataset
 
     if hub_reachable(timeout_s):

@@ -1,17 +1,8 @@
-"""Images as VQ token grids: a one-time token cache (memmap) of an image source, and a resumable DataModule.
+"""Images as VQ token grids: a one-time token cache of an image source (one row of h*w uint16 ids per
+image, raster order), and a resumable DataModule. A cache of another tokenizer is refused, never mixed.
 
-The images of ``data.source`` (``data_modules.image_sources``, fitted to ``image_size``) are tokenised
-once by the VQ tokenizer ``data.tokenizer`` (``data_modules.vq_tokenizer``) into a token cache
-(``data_modules.token_cache``) at
-``<cache_dir>/<source>-<S>px[-nocrop][-hflip]-<tokenizer name>-<hash of its path>[-<content digest>]/``:
-one row of h*w uint16 ids per image (raster order). The digest, a sha256 over a local source's images,
-changes when an image is edited. A cache of another tokenizer (its sha256 differs, e.g. the checkpoint
-was retrained in place) is refused, never mixed.
-
-Validation: ``val_size`` images when given, else ``round(val_fraction * N)``, drawn by a fixed seeded
-permutation (``SPLIT_SEED``, independent of ``seed``); the rest, in source order, is the train split.
-``hflip=True`` stores every train image twice, as rows ``2i`` (the image) and ``2i + 1`` (its mirror):
-a VQ codebook is not mirror symmetric, so flipping happens on pixels; validation images are not flipped.
+Validation: ``val_size`` images, else ``round(val_fraction * N)``, drawn with ``SPLIT_SEED`` (not ``seed``).
+``hflip=True`` stores train image i as rows 2i and 2i + 1 (its mirror: a VQ codebook is not mirror symmetric).
 """
 
 from __future__ import annotations
@@ -46,7 +37,7 @@ from glauber.schema import option
 __all__ = ["ImageDataConfig", "ImageTokenDataModule", "_resolve", "fit_image", "load_images", "open_source"]
 
 FORMAT_VERSION = 3  # 2: sha256 of the images in the source signature and cache key; 3: PIL.ImageOps.fit crops
-SPLIT_SEED = 0  # the train/validation split never depends on data.seed
+SPLIT_SEED = 0
 _resolve = resolve_source  # the old name, still imported by glauber.eval.fid
 
 
@@ -70,7 +61,6 @@ class ImageDataConfig:
     hf_offline_timeout_s: float = option(3.0, "how long to wait for huggingface.co before declaring no internet")
 
 
-# -- the cache -----------------------------------------------------------------------------------------
 def split_spec(cfg: ImageDataConfig) -> dict[str, Any]:
     """The config values that decide the train/val split (recorded in meta.json; a change rebuilds)."""
     return {"val_fraction": cfg.val_fraction, "val_size": cfg.val_size, "split_seed": SPLIT_SEED}
@@ -85,8 +75,15 @@ def split_indices(n: int, cfg: ImageDataConfig) -> tuple[np.ndarray, np.ndarray]
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def check_seq_len(cfg: ImageDataConfig, h: int, w: int) -> None:
+    if cfg.seq_len != h * w:
+        raise ValueError(
+            f"data.seq_len={cfg.seq_len}, but the tokenizer turns {cfg.image_size}px images into {h}x{w} = {h * w} tokens: "
+            f"set data.seq_len={h * w}"
+        )
+
+
 def check_tokenizer(cache: Path, meta: dict[str, Any], cfg: ImageDataConfig, sha256: str) -> None:
-    """Refuse a cache made by another tokenizer (the sha256 of its checkpoint differs)."""
     recorded = meta["tokenizer"]
     if recorded["sha256"] != sha256:
         raise ValueError(
@@ -98,14 +95,8 @@ def check_tokenizer(cache: Path, meta: dict[str, Any], cfg: ImageDataConfig, sha
 
 
 def check_meta(cache: Path, meta: dict[str, Any], cfg: ImageDataConfig, sha256: str) -> None:
-    """Refuse a cache made by another tokenizer, for another sequence length, or holding ids outside the vocabulary."""
     check_tokenizer(cache, meta, cfg, sha256)
-    h, w = meta["grid"]
-    if cfg.seq_len != meta["seq_len"]:
-        raise ValueError(
-            f"data.seq_len={cfg.seq_len}, but the tokenizer turns {cfg.image_size}px images into {h}x{w} = "
-            f"{meta['seq_len']} tokens: set data.seq_len={meta['seq_len']}"
-        )
+    check_seq_len(cfg, *meta["grid"])
     if meta["max_id"] >= meta["vocab_size"]:
         raise ValueError(f"token cache {cache} holds id {meta['max_id']} >= vocab_size {meta['vocab_size']}: delete it")
 
@@ -128,16 +119,11 @@ class _Picked(Dataset):
 
 
 def build_cache(cfg: ImageDataConfig, build: Build, src: ImageSource, tok: Any, tok_info: dict[str, Any]) -> dict[str, Any]:
-    """Tokenise the images of ``src`` into ``build``'s cache (see the module docstring); returns the meta committed last."""
     from tqdm.auto import tqdm
 
-    h, w = tok_info["grid"]
-    L_, V = h * w, tok_info["vocab_size"]
-    if L_ != cfg.seq_len:
-        raise ValueError(
-            f"data.seq_len={cfg.seq_len}, but the tokenizer turns {cfg.image_size}px images into {h}x{w} = {L_} tokens: "
-            f"set data.seq_len={L_}"
-        )
+    (h, w), V = tok_info["grid"], tok_info["vocab_size"]
+    L_ = h * w
+    check_seq_len(cfg, h, w)
     if V > 65536:
         raise ValueError(f"the tokenizer's codebook has {V} entries; the uint16 token cache holds at most 65536")
     train_idx, val_idx = split_indices(len(src), cfg)
@@ -197,13 +183,8 @@ def build_cache(cfg: ImageDataConfig, build: Build, src: ImageSource, tok: Any, 
 
 
 class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
-    """VQ token grids of images, ``[B, h*w]`` LongTensors in raster order, sharded over DDP ranks and
-    resumable mid-run (the same contract as ``TextDataModule``).
-
-    ``tokenizer``: a ready tokenizer object (``encode_to_ids``, ``decode_ids``, ``to_uint8``,
-    ``grid_shape``, ``vocab_size``/``n_embed``; keyed by its ``sha256`` attribute or its weights) used
-    instead of loading ``cfg.tokenizer`` with ``glauber.nn.vq.load_vq`` (tests, notebooks).
-    """
+    """VQ token grids of images, ``[B, h*w]`` LongTensors in raster order. ``tokenizer``: a ready VQ tokenizer
+    object used instead of loading ``cfg.tokenizer`` (tests, notebooks)."""
 
     cache_format = FORMAT_VERSION
 
@@ -216,16 +197,11 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
         tokenizer: Any | None = None,
     ):
         super().__init__()
-        if cfg.image_size < 1:
-            raise ValueError(f"data.image_size must be >= 1 (got {cfg.image_size})")
-        if cfg.seq_len < 1:
-            raise ValueError(f"data.seq_len must be >= 1 (got {cfg.seq_len})")
-        if not 0 <= cfg.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in [0, 1) (got {cfg.val_fraction})")
+        for name in ("image_size", "seq_len", "encode_batch_size"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1 (got {getattr(cfg, name)})")
         if cfg.val_size is not None and cfg.val_size < 0:
             raise ValueError(f"data.val_size must be >= 0 (got {cfg.val_size})")
-        if cfg.encode_batch_size < 1:
-            raise ValueError(f"data.encode_batch_size must be >= 1 (got {cfg.encode_batch_size})")
         if not cfg.source:
             raise ValueError("data.source is empty: set it to an image folder, a .zip or .npz of images, or hf:NAME[:split]")
         if tokenizer is None and not cfg.tokenizer:
@@ -233,26 +209,13 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
         self.init_loading(cfg, batch_size, val_batch_size, max_train_samples)
         self.vq = VQTokenizer(cfg.tokenizer, tokenizer)
 
-    # -- the tokenizer ------------------------------------------------------------------------------
     def tokenizer_model(self) -> Any:
-        """The VQ tokenizer (loaded from ``data.tokenizer`` once, in eval mode, on the CPU)."""
         return self.vq.model()
 
-    def tokenizer_sha256(self) -> str:
-        """What identifies the tokenizer (see ``VQTokenizer.sha256``); keys and guards the cache."""
-        return self.vq.sha256()
-
-    def tokenizer_info(self) -> dict[str, Any]:
-        """Path, name, sha256, token grid, vocabulary and image size of the tokenizer (recorded in meta.json)."""
-        return self.vq.info(self.cfg.image_size)
-
     def tokenizer_state(self) -> dict[str, Any]:
-        """What a checkpoint needs to decode its samples without the data: the VQ checkpoint's path,
-        sha256 and token grid (``glauber.eval.images.vq_of`` reloads and verifies it). Read from the cache's
-        meta.json, so ranks that never decode do not load the VQ model."""
-        meta = self._load_meta()
+        """The VQ checkpoint's path, sha256 and token grid (for checkpoints), from meta.json: no model load."""
+        state = {**self._load_meta()["tokenizer"], "sha256": self.vq.sha256()}
         path = self.vq.path()
-        state = {**meta["tokenizer"], "sha256": self.tokenizer_sha256()}
         if path is not None:
             state.update(path=str(path), name=path.name)
         return state
@@ -266,18 +229,9 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
         h, w = self._load_meta()["grid"]
         return int(h), int(w)
 
-    # -- the cache ----------------------------------------------------------------------------------
-    @property
-    def cache_path(self) -> Path:
-        """``<cache_dir>/<source slug>-<S>px[-nocrop][-hflip]-<tokenizer name>[-<hash of its path>][-<content digest>]``.
-
-        A local source's key ends in the first 12 hex digits of ``content_digest`` (a sha256 over its
-        images), so edited images get a new cache (the old one stays for runs still reading it). When the
-        images are gone, the newest complete cache of that source and tokenizer is used."""
-        if self._cache_path is not None:
-            return self._cache_path
-        cfg = self.cfg
-        path = self.vq.path()
+    def find_cache_path(self) -> Path:
+        """``<cache_dir>/<source>-<S>px[-nocrop][-hflip]-<tokenizer name>[-<hash of its path>][-<content digest[:12]>]``."""
+        cfg, path = self.cfg, self.vq.path()
         if path is not None:
             tok_key = f"{source_slug(path.stem)[:40]}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
         else:
@@ -286,14 +240,9 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
         parts += [] if cfg.center_crop else ["nocrop"]
         parts += ["hflip"] if cfg.hflip else []
         root, base = Path(cfg.cache_dir).expanduser(), "-".join([*parts, tok_key])
-        cache = root / base
-        if not is_hub_source(cfg.source):
-            try:
-                cache = root / f"{base}-{content_digest(resolve_source(cfg.source))[:12]}"
-            except FileNotFoundError:
-                cache = self.newest_cache(root, base, "images")
-        self._cache_path = cache
-        return cache
+        if is_hub_source(cfg.source):
+            return root / base
+        return self.keyed_cache(root, base, lambda: content_digest(resolve_source(cfg.source)), "images")
 
     def cache_content(self) -> ImageSource:
         c = self.cfg
@@ -311,22 +260,20 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
         return {split: rows * meta["seq_len"] for split, rows in meta["rows"].items()}
 
     def check_cache(self, cache: Path, meta: dict[str, Any]) -> None:
-        check_meta(cache, meta, self.cfg, self.tokenizer_sha256())
+        check_meta(cache, meta, self.cfg, self.vq.sha256())
 
     def check_overwrite(self, cache: Path, meta: dict[str, Any]) -> None:
-        check_tokenizer(cache, meta, self.cfg, self.tokenizer_sha256())  # another tokenizer's cache is refused
+        check_tokenizer(cache, meta, self.cfg, self.vq.sha256())  # another tokenizer's cache is refused
 
     def build_cache_into(self, build: Build, src: ImageSource) -> dict[str, Any]:
-        return build_cache(self.cfg, build, src, self.tokenizer_model(), self.tokenizer_info())
+        return build_cache(self.cfg, build, src, self.vq.model(), self.vq.info(self.cfg.image_size))
 
     def data_fingerprint(self) -> dict[str, Any]:
-        """What the token ids mean (stored in checkpoints; a resume on other data is refused)."""
-        return {"tokenizer": self.tokenizer_sha256(), "vocab_size": self.vocab_size, "grid": list(self.grid_shape)}
+        return {"tokenizer": self.vq.sha256(), "vocab_size": self.vocab_size, "grid": list(self.grid_shape)}
 
     def check_available(self) -> None:
-        """Fail within seconds, before any training machinery starts, when the data cannot be had:
-        the tokenizer must exist, and either a complete token cache or the images. When both are missing,
-        one error names both."""
+        """Fail within seconds, before any training machinery starts, when the tokenizer is missing or there
+        is neither a complete token cache nor the images (one error names both when both are missing)."""
         try:
             self.vq.check_file()
         except FileNotFoundError as tok_error:
@@ -337,9 +284,8 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
                     raise FileNotFoundError(f"two things are missing. (1) {tok_error} (2) {data_error}") from None
             raise
         if self.complete(self.cache_path):
-            meta = read_meta(self.cache_path)
-            h, w = meta["grid"]
-            if self.cfg.seq_len != meta["seq_len"]:
+            h, w = read_meta(self.cache_path)["grid"]
+            if self.cfg.seq_len != h * w:
                 raise ValueError(
                     f"data.seq_len={self.cfg.seq_len}, but the cached token grids are {h}x{w}: set data.seq_len={h * w}"
                 )
@@ -350,28 +296,21 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
                 raise HubUnreachableError(offline_message(name))
         else:
             resolve_source(self.cfg.source)
-        h, w = self.tokenizer_info()["grid"]
-        if h * w != self.cfg.seq_len:
-            raise ValueError(
-                f"data.seq_len={self.cfg.seq_len}, but the tokenizer turns {self.cfg.image_size}px images into {h}x{w} = "
-                f"{h * w} tokens: set data.seq_len={h * w}"
-            )
+        check_seq_len(self.cfg, *self.vq.info(self.cfg.image_size)["grid"])
 
-    # -- datasets and loaders ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         meta, cache = self._load_meta(), self.cache_path
         world = rank_world(self.trainer)[1]
-        L_ = meta["seq_len"]
+        L_, n_val = meta["seq_len"], meta["rows"]["val"]
         self.train_set = TokenWindows(cache / "train.bin", "uint16", meta["rows"]["train"] * L_, L_)
         if len(self.train_set) < world:
             raise ValueError(f"{len(self.train_set)} training images for {world} ranks: each rank needs at least one")
-        n_val = meta["rows"]["val"]
         self.val_set = TokenWindows(cache / "val.bin", "uint16", n_val * L_, L_) if n_val else None
         if self.val_set is not None and n_val < world:
             raise ValueError(f"{n_val} validation images for {world} ranks: raise data.val_size (or val_fraction)")
 
     def val_tokens(self, n: int) -> torch.Tensor | None:
-        """The first ``n`` validation token rows ``[n, h*w]`` (None without a validation split)."""
+        """The first ``n`` validation token rows ``[n, h*w]`` (None without validation)."""
         if self.train_set is None:
             self.setup("validate")
         if self.val_set is None:
@@ -379,7 +318,5 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
         k, L_ = min(n, len(self.val_set)), self.val_set.seq_len
         return torch.from_numpy(np.asarray(self.val_set.data()[: k * L_]).reshape(k, L_).astype(np.int64))
 
-    # -- pictures -----------------------------------------------------------------------------------
     def decode_images(self, ids: Any) -> np.ndarray:
-        """uint8 ``[N, H, W, 3]`` images of token ids ``[N, h*w]`` (or ``[N, h, w]``) through the VQ decoder."""
         return self.vq.decode(ids, self.grid_shape)

@@ -1,10 +1,9 @@
-"""A deterministic, resumable, rank-sharded stream of training indices.
+"""A deterministic, resumable, rank-sharded stream of training indices, and the loaders built on it.
 
-Global draw ``g`` is item ``perm_e[g % N]`` with epoch ``e = g // N`` and ``perm_e = randperm(N)``
-seeded by ``seed + e`` (or ``arange(N)`` without shuffling). Rank ``r`` of ``W`` takes the draws
-``g = n * W + r`` for ``n = 0, 1, ...``, so ranks see disjoint items that together cover each epoch,
-and a run resumed at ``n = start`` continues exactly where it stopped. The stream never depends on
-how the training loop iterates it, only on ``(num_items, seed, rank, world_size)``.
+Global draw ``g`` is item ``perm_e[g % N]`` with epoch ``e = g // N`` and ``perm_e = randperm(N)`` seeded
+by ``seed + e`` (``arange(N)`` without shuffling). Rank ``r`` of ``W`` takes draws ``g = n * W + r``, so
+ranks see disjoint items covering each epoch, and a run resumed at ``n = start`` continues exactly where
+it stopped, whatever the training loop does with the stream.
 """
 
 from __future__ import annotations
@@ -19,11 +18,8 @@ CHUNK = 1 << 16
 
 
 class ResumableSampler(Sampler[int]):
-    """Indices for rank ``rank``: ``num_samples`` draws in all (``__len__``), starting at draw ``start``.
-
-    Only the current epoch's permutation is kept, so ``N`` in the tens of millions costs one
-    ``randperm`` per epoch.
-    """
+    """Indices for rank ``rank``: ``num_samples`` draws in all, starting at draw ``start``. Only the current
+    epoch's permutation is kept."""
 
     def __init__(
         self,
@@ -41,19 +37,12 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"num_samples must be >= 0 (got {num_samples})")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.num_items = num_items
-        self.num_samples = num_samples
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.start = 0
+        self.num_items, self.num_samples, self.seed = num_items, num_samples, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.set_start(start)
-        self._perm_epoch = -1
-        self._perm: torch.Tensor | None = None
+        self._perm_epoch, self._perm = -1, None
 
     def set_start(self, k: int) -> None:
-        """Skip the first ``k`` of this rank's draws (they were consumed before a resume)."""
         if k < 0:
             raise ValueError(f"start must be >= 0 (got {k})")
         self.start = int(k)
@@ -62,11 +51,9 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """The order of items in ``epoch`` (cached for the latest epoch asked for)."""
         if epoch != self._perm_epoch:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed + epoch)
-                self._perm = torch.randperm(self.num_items, generator=g)
+                self._perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
             else:
                 self._perm = torch.arange(self.num_items)
             self._perm_epoch = epoch
@@ -76,11 +63,9 @@ class ResumableSampler(Sampler[int]):
         N, W = self.num_items, self.world_size
         n = self.start
         while n < self.num_samples:
-            g = n * W + self.rank
-            epoch, pos = divmod(g, N)
-            # this rank's draws left in this epoch: positions pos, pos + W, ... below N, capped by num_samples
-            count = min((N - pos + W - 1) // W, self.num_samples - n)
-            take = min(count, CHUNK)  # converted to Python ints a chunk at a time, not a whole epoch
+            epoch, pos = divmod(n * W + self.rank, N)
+            # this rank's draws left in this epoch (pos, pos + W, ... below N), as Python ints a chunk at a time
+            take = min((N - pos + W - 1) // W, self.num_samples - n, CHUNK)
             yield from self.permutation(epoch)[pos : pos + take * W : W].tolist()
             n += take
 
@@ -95,12 +80,10 @@ def rank_world(trainer: Any) -> tuple[int, int]:
 
 
 class ShardedLoaders:
-    """Train and validation loaders of a DataModule holding ``train_set``/``val_set`` rows, sharded over
-    DDP ranks and resumable mid-run: training draws come from ``ResumableSampler``; validation rows are
-    split by rank (rank r takes r, r + W, ...) with equal counts per rank (at most W - 1 left out), so the
-    Trainer runs with ``use_distributed_sampler=False``. The rows this rank consumed are kept in
-    ``state_dict``. Expects ``cfg.seed``, ``cfg.num_workers``, ``batch_size``, ``val_batch_size``,
-    ``max_train_samples`` and ``setup``; starts with ``_consumed = 0`` and ``_sampler = None``."""
+    """Train and validation loaders of a DataModule's ``train_set``/``val_set``, sharded over DDP ranks and
+    resumable mid-run: training draws come from ``ResumableSampler``; rank r validates rows r, r + W, ...
+    (equal counts per rank, at most W - 1 left out), so the Trainer runs with ``use_distributed_sampler=False``.
+    ``state_dict`` keeps the training rows this rank consumed."""
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -112,7 +95,6 @@ class ShardedLoaders:
         return self._loader(self.train_set, self.batch_size, self._sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Rank r's share r, r + W, ... of the validation sequences (equal counts per rank); [] if there are none."""
         if self.train_set is None:
             self.setup("validate")
         if self.val_set is None:
@@ -133,9 +115,8 @@ class ShardedLoaders:
             persistent_workers=workers > 0,
         )
 
-    # -- resuming -------------------------------------------------------------------------------
     def set_consumed(self, k: int) -> None:
-        """This rank has consumed ``k`` training sequences: the train stream (re)starts at draw ``k``."""
+        """This rank has consumed ``k`` training sequences: the stream (re)starts at draw ``k``."""
         if k < 0:
             raise ValueError(f"consumed sample count must be >= 0 (got {k})")
         self._consumed = int(k)
@@ -147,7 +128,7 @@ class ShardedLoaders:
         return self._consumed
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Called once per batch the training loop actually takes, so the count in state_dict stays exact.
+        # called once per batch the training loop actually takes, so the count stays exact
         if self.trainer is not None and self.trainer.training:
             self._consumed += len(batch)
         return batch
@@ -159,8 +140,8 @@ class ShardedLoaders:
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the train stream; with another world size, at the same global position. A checkpoint
-        whose token ids mean something else (another tokenizer or character vocabulary) is refused."""
+        """Resume the train stream (with another world size, at the same global position); refuse a
+        checkpoint whose token ids mean something else."""
         saved = state_dict.get("data")
         if saved is not None and hasattr(self, "data_fingerprint"):
             current = self.data_fingerprint()
@@ -171,7 +152,6 @@ class ShardedLoaders:
 
 
 def data_mismatch_message(saved: dict[str, Any], current: dict[str, Any], source: str) -> str:
-    """Why a checkpoint's data does not fit the current data, and what to do."""
     what = []
     if "chars" in saved and "chars" in current:
         lost = sorted(set(saved["chars"]) - set(current["chars"]))

@@ -1,23 +1,11 @@
-"""Tokenised text for training: a one-time flat token cache (memmap) and fixed-length sequences.
-
-Documents (``data_modules.corpus``: a ``.txt`` file is one document, a row of json/parquet/hub data is
-one) are tokenised once into a token cache (``data_modules.token_cache``) at
-``<cache_dir>/<slug>-<tokenizer fingerprint[:12] | char>[-<corpus digest[:12]>]/``, each document
-followed by EOS when the tokenizer has one. A local corpus's key ends in a sha256 over its files'
-content: an edited corpus gets a new cache, the old one stays for runs still reading it. The char
-vocabulary is read from the corpus and kept in meta.json. Checkpoints hold ``data_fingerprint()``:
-resuming on data whose ids mean other tokens is refused. Sequences are cut at read time, so one cache
-serves every ``seq_len`` and ``wrap``:
+"""Tokenised text: a one-time token cache of a corpus's documents (each followed by EOS when the tokenizer
+has one), cut into sequences at read time, so one cache serves every ``seq_len`` and ``wrap``:
 
     wrap=bos_eos: sequence k = [BOS] + stream[k(L-2) : (k+1)(L-2)] + [EOS]  (MDLM/DUO OpenWebText)
     wrap=none:    sequence k = stream[kL : (k+1)L]                          (character-level data)
 
-Validation: ``val_source`` when given; else a hub dataset's ``validation`` split, or the last
-``val_documents`` documents of its train split (MDLM's OWT protocol); else (local files) the last
-``val_fraction`` of the token stream. With several processes the cache is built once, by global rank 0
-(``prepare_data_per_node = False``), so ``cache_dir`` must be on a filesystem all nodes share (or hold a
-copy of a complete cache on each node); each rank reads its share of the sequences by index (no
-streaming mode: hub datasets are downloaded and tokenised once).
+Validation: ``val_source`` when given; else a hub dataset's ``validation`` split or its last
+``val_documents`` documents (MDLM's OWT protocol); else the last ``val_fraction`` of a local token stream.
 """
 
 from __future__ import annotations
@@ -54,7 +42,7 @@ FORMAT_VERSION = 2  # 2: files recorded with their sha256, the cache key holds t
 
 @dataclass
 class TextDataConfig:
-    """Where the text comes from, how it is tokenised and cut into sequences (see the module docstring)."""
+    """Where the text comes from, how it is tokenised and cut into sequences."""
 
     source: str = option("data/tinyshakespeare.txt", "hub dataset name, or a local file / directory / glob")
     text_field: str = option("text", "column holding the text (json/parquet/hub)")
@@ -72,7 +60,6 @@ class TextDataConfig:
 
 
 def split_spec(cfg: TextDataConfig, local: bool) -> dict[str, Any]:
-    """The config values that decide the train/val split (recorded in meta.json; a change rebuilds)."""
     if cfg.val_source is not None:
         return {"val_source": cfg.val_source, "text_field": cfg.text_field}
     if local:
@@ -109,28 +96,23 @@ def build_cache(
     files: list[Path] | None,
     chunk_bytes: int = TXT_CHUNK_BYTES,
 ) -> dict[str, Any]:
-    """Tokenise the corpus into ``build``'s cache (see the module docstring); returns the meta committed last.
+    """Tokenise the corpus into ``build``; ``tokenizer`` None (``char``): the vocabulary comes from the corpus."""
+    from tqdm.auto import tqdm
 
-    ``tokenizer`` is None for ``char``: the vocabulary is then read from the corpus (train and val).
-    ``.txt`` files are read and tokenised ``chunk_bytes`` at a time.
-    """
     cache, work = build.cache, build.work
     train, val, split = corpus.documents(cfg, cache, files, work, chunk_bytes)
-    where = ", ".join(str(f) for f in files[:5]) if files else cfg.source
+    where = corpus.names_of(files) if files else cfg.source
     if tokenizer is None:
         tokenizer = corpus.char_vocabulary(train, val, where)
     dtype = token_dtype(tokenizer.vocab_size)
-    from tqdm.auto import tqdm
-
+    total, stream = None, train.token_blocks(tokenizer)
     if val is None:  # cut the stream by val_fraction: its length must be known first
         raw, total = work / "train.all", 0
         with open(raw, "wb") as f:
-            for ids in train.token_blocks(tokenizer):
+            for ids in stream:
                 f.write(np.ascontiguousarray(ids, dtype=dtype).tobytes())
                 total += len(ids)
         stream = blocks_of(raw, dtype, total)
-    else:
-        total, stream = None, train.token_blocks(tokenizer)
     writer = TokenWriter(build, tokenizer.vocab_size, total - int(round(total * cfg.val_fraction)) if total is not None else None)
     say(f"writing the tokens of {cfg.source!r} to {cache}")
     with tqdm(total=total, unit="tok", unit_scale=True, desc="train tokens", mininterval=1.0) as bar:
@@ -179,14 +161,8 @@ def build_cache(
 
 
 class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
-    """Sequences of tokenised text, sharded over DDP ranks and resumable mid-run.
-
-    ``batch_size`` is per device; ``max_train_samples`` is how many sequences this rank draws in the
-    whole run (default: one epoch's share). Training draws come from ``ResumableSampler``; validation
-    sequences are split by rank (rank r takes r, r + W, ...) with every rank getting the same count
-    (at most W - 1 are left out), so the Trainer must run with ``use_distributed_sampler=False``.
-    The number of training sequences consumed is kept in ``state_dict`` and set by ``set_consumed``.
-    """
+    """Sequences of tokenised text. ``batch_size`` is per device; ``max_train_samples``: the sequences this rank
+    draws in the whole run (default: one epoch's share)."""
 
     cache_format = FORMAT_VERSION
 
@@ -200,13 +176,10 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
             raise ValueError("data.wrap=bos_eos needs BOS/EOS tokens, which the char tokenizer lacks: use data.wrap=none")
         if cfg.seq_len < (3 if cfg.wrap == "bos_eos" else 1):
             raise ValueError(f"data.seq_len={cfg.seq_len} is too short for wrap={cfg.wrap}")
-        if not 0 <= cfg.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in [0, 1) (got {cfg.val_fraction})")
         self.init_loading(cfg, batch_size, val_batch_size, max_train_samples)
         self._tokenizer: TextTokenizer | None = None
-        self.txt_chunk_bytes = TXT_CHUNK_BYTES  # .txt files are tokenised this many bytes at a time
+        self.txt_chunk_bytes = TXT_CHUNK_BYTES
 
-    # -- the cache ------------------------------------------------------------------------------
     def _spec_tokenizer(self) -> TextTokenizer | None:
         """The configured tokenizer, or None for ``char`` (its vocabulary comes from the corpus/cache)."""
         if self.cfg.tokenizer == "char":
@@ -215,34 +188,23 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.cfg.tokenizer, timeout_s=self.cfg.hf_offline_timeout_s)
         return self._tokenizer
 
-    @property
-    def cache_path(self) -> Path:
-        """``<cache_dir>/<slug of source>-<tokenizer fingerprint[:12] | char>[-<corpus digest[:12]>]``.
-
-        A local corpus's key ends in a hash of its files' content (``corpus_digest``), so an edited corpus
-        gets a new cache (the old one stays for runs still reading it). When the local files are gone, the
-        newest complete cache of that source and tokenizer is used."""
-        if self._cache_path is None:
-            tok = self._spec_tokenizer()
-            key = "char" if tok is None else tok.fingerprint()[:12]
-            root = Path(self.cfg.cache_dir).expanduser()
-            base = f"{source_slug(self.cfg.source, self.cfg.val_source)}-{key}"
-            path = root / base
-            if is_local_source(self.cfg.source):
-                try:
-                    path = root / f"{base}-{corpus.corpus_digest(self.cache_content(), corpus.val_files(self.cfg))[:12]}"
-                except FileNotFoundError:
-                    path = self.newest_cache(root, base, "files")
-            self._cache_path = path
-        return self._cache_path
+    def find_cache_path(self) -> Path:
+        """``<cache_dir>/<slug>-<tokenizer fingerprint[:12] | char>[-<corpus digest[:12]>]``: edited files, a new one."""
+        tok = self._spec_tokenizer()
+        key = "char" if tok is None else tok.fingerprint()[:12]
+        root = Path(self.cfg.cache_dir).expanduser()
+        base = f"{source_slug(self.cfg.source, self.cfg.val_source)}-{key}"
+        if not is_local_source(self.cfg.source):
+            return root / base
+        return self.keyed_cache(
+            root, base, lambda: corpus.corpus_digest(self.cache_content(), corpus.val_files(self.cfg)), "files"
+        )
 
     def cache_content(self) -> list[Path] | None:
-        """Local corpus files (None for a hub dataset); raises when a local source has none."""
         return corpus.local_files(self.cfg.source) if is_local_source(self.cfg.source) else None
 
     def cache_expect(self, meta: dict[str, Any], files: list[Path] | None) -> dict[str, Any]:
-        local = files is not None or meta.get("files") is not None
-        expect: dict[str, Any] = {"split": split_spec(self.cfg, local)}
+        expect: dict[str, Any] = {"split": split_spec(self.cfg, files is not None or meta.get("files") is not None)}
         if files is not None:
             expect["files"] = files_signature(files)
         return expect
@@ -254,8 +216,8 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
         return build_cache(self.cfg, build, self._spec_tokenizer(), files, self.txt_chunk_bytes)
 
     def check_available(self) -> None:
-        """Fail within seconds, before any training machinery starts, when the data cannot be had:
-        a complete token cache, the local files, or a reachable (or HF-cached) hub dataset."""
+        """Fail within seconds, before any training machinery starts, when there is neither a complete token
+        cache, nor the local files, nor a reachable (or HF-cached) hub dataset."""
         if self.complete(self.cache_path):
             return
         if is_local_source(self.cfg.source):
@@ -269,18 +231,15 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
             self._tokenizer = tokenizer_from_state(meta["tokenizer"]["state"])
         return meta
 
-    # -- datasets and loaders -------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        meta, cache, cfg = self._load_meta(), self.cache_path, self.cfg
-        tok = self.tokenizer
+        meta, cache, cfg, tok = self._load_meta(), self.cache_path, self.cfg, self.tokenizer
         world = rank_world(self.trainer)[1]
 
         def windows(split: str) -> TokenWindows:
-            return TokenWindows(
-                cache / f"{split}.bin", meta["dtype"], meta["tokens"][split], cfg.seq_len, cfg.wrap, tok.bos_id, tok.eos_id
-            )
+            n = meta["tokens"][split]
+            return TokenWindows(cache / f"{split}.bin", meta["dtype"], n, cfg.seq_len, cfg.wrap, tok.bos_id, tok.eos_id)
 
-        n_train = meta["tokens"]["train"]
+        n_train, n_val = meta["tokens"]["train"], meta["tokens"]["val"]
         self.train_set = windows("train")
         need = self.train_set.body * world
         if len(self.train_set) < world:
@@ -289,7 +248,6 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
                 f"sequence of data.seq_len={cfg.seq_len} (wrap={cfg.wrap}) on each of {world} rank(s): "
                 "use a longer corpus or lower data.seq_len"
             )
-        n_val = meta["tokens"]["val"]
         self.val_set = windows("val") if n_val else None
         if self.val_set is not None and len(self.val_set) < world:
             raise ValueError(
@@ -297,7 +255,6 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
                 f"data.seq_len={cfg.seq_len} per rank: raise data.val_fraction (or val_documents), or lower data.seq_len"
             )
 
-    # -- tokenizer --------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
@@ -309,12 +266,10 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
         return self.tokenizer.vocab_size
 
     def tokenizer_state(self) -> dict[str, Any]:
-        """What ``tokenizer_from_state`` needs to rebuild the tokenizer (store it in checkpoints)."""
         return self.tokenizer.state()
 
     def data_fingerprint(self) -> dict[str, Any]:
-        """What the token ids mean: the tokenizer fingerprint and vocabulary (kept in the DataModule's
-        checkpoint state; resuming on data whose ids mean other tokens is refused in ``load_state_dict``)."""
+        """What the token ids mean (checkpoints keep it; a resume on other data is refused)."""
         tok = self.tokenizer
         out: dict[str, Any] = {"tokenizer": tok.fingerprint(), "vocab_size": tok.vocab_size}
         if isinstance(tok, CharTokenizer):
@@ -325,6 +280,4 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Any) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else ids)

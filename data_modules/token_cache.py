@@ -5,13 +5,7 @@ and read through memmaps by every process and DataLoader worker::
     unigram.npy          int64 [V] token counts over train.bin
     meta.json            what was tokenised and how (written last: a cache without it is incomplete)
 
-A build writes every file under a temporary name of its own (``<name>.tmp<pid>``) and renames it into
-place when complete, meta.json last, so an interrupted build leaves no meta.json and is redone. Builds
-hold ``cachelock.build_lock``: whoever holds it looks again and builds only a cache still missing or
-stale; the temporaries it then finds belong to dead builders and are removed. A builder that fails
-removes only its own temporaries. ``TokenCacheModule`` gives a DataModule this behaviour; the DataModule
-says what its meta.json must record (``cache_expect``), what to refuse (``check_cache``) and how to
-tokenise (``build_cache_into``).
+A build holds ``cachelock.build_lock`` and renames its own temporaries into place, meta.json last.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +42,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def source_slug(source: str, val_source: str | None = None) -> str:
-    """A readable directory name for a source (and validation source); long ones end in a short hash."""
+    """A readable directory name for a source; long ones end in a short hash."""
     text = source if val_source is None else f"{source}+val={val_source}"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "corpus"
     if len(slug) > 80:
@@ -70,12 +64,9 @@ def _short(value: Any) -> str:
 
 
 class Build:
-    """One build of the token cache at ``cache`` (a context manager, entered holding its build lock).
-
-    ``tmp(name)`` gives this builder's temporary path for the cache file ``name``; ``commit(meta)``
-    renames them all into place and writes meta.json last; leaving the context removes whatever of
-    this builder's temporaries is left (a failed build), never another builder's files.
-    """
+    """One build of the cache at ``cache``, entered holding its build lock: ``tmp(name)`` is this builder's
+    temporary path for file ``name``, ``commit(meta)`` renames them into place, meta.json last; leaving the
+    context removes this builder's leftover temporaries, never another's."""
 
     def __init__(self, cache: Path, exclusive: bool = True):
         self.cache, self.tag = cache, f"tmp{os.getpid()}"
@@ -112,8 +103,8 @@ class Build:
 
 
 class TokenWriter:
-    """Appends token ids to this build's ``train.bin`` until ``cut`` tokens (then to ``val.bin``), counting
-    train unigrams and the largest id; ``close`` flushes to disk and stages ``unigram.npy``."""
+    """Appends token ids to ``train.bin`` until ``cut`` tokens (then to ``val.bin``), counting train unigrams
+    and the largest id."""
 
     def __init__(self, build: Build, vocab_size: int, cut: int | None = None):
         self.build, self.dtype, self.cut = build, token_dtype(vocab_size), cut
@@ -149,25 +140,12 @@ class TokenWindows(Dataset):
     """Fixed-length LongTensor sequences cut from a flat token file; with ``wrap=bos_eos`` each is
     ``[BOS] + seq_len - 2 ids + [EOS]`` (rows of an image cache are windows with ``wrap=none``)."""
 
-    def __init__(
-        self,
-        path: Path,
-        dtype: str,
-        num_tokens: int,
-        seq_len: int,
-        wrap: str = "none",
-        bos_id: int | None = None,
-        eos_id: int | None = None,
-    ):
-        if wrap not in WRAPS:
-            raise ValueError(f"data.wrap must be one of {WRAPS} (got {wrap!r})")
+    def __init__(self, path: Path, dtype: str, num_tokens: int, seq_len: int, wrap="none", bos_id=None, eos_id=None):
         if wrap == "bos_eos" and (bos_id is None or eos_id is None):
             raise ValueError("data.wrap=bos_eos needs a tokenizer with BOS and EOS tokens (char has none): use data.wrap=none")
         self.path, self.dtype, self.num_tokens = Path(path), dtype, num_tokens
         self.seq_len, self.wrap, self.bos_id, self.eos_id = seq_len, wrap, bos_id, eos_id
         self.body = seq_len - 2 if wrap == "bos_eos" else seq_len
-        if self.body < 1:
-            raise ValueError(f"data.seq_len={seq_len} is too short for wrap={wrap}")
         self._data: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -200,26 +178,25 @@ def blocks_of(path: Path, dtype: np.dtype, n: int, block: int = 1 << 22) -> Iter
 
 
 class TokenCacheModule:
-    """The token-cache half of a DataModule (mixed into a ``LightningDataModule``).
+    """The token-cache half of a DataModule: builds the cache when missing or stale (``prepare_data``, by
+    global rank 0 under the build lock) and reads its checked metadata (``_load_meta``).
 
-    The DataModule provides ``cache_path``, ``cache_format`` and the hooks below; this class decides
-    when to build (``prepare_data``, run by global rank 0 under the build lock), reads the metadata
-    (``_load_meta``) and finds the newest complete cache of a source whose files are gone.
+    The DataModule sets ``cache_format`` and provides ``find_cache_path()``, ``cache_content()`` (what the
+    cache is built from; FileNotFoundError or HubUnreachableError when gone), ``cache_expect(meta, content)``
+    (the meta.json values the config needs; ``content`` None when not looked at) and
+    ``build_cache_into(build, content)`` (returns the committed meta).
     """
 
-    cache_format: int  # the FORMAT_VERSION of the DataModule's caches
-    cache_path: Path
+    cache_format: int
 
     def init_loading(self, cfg: Any, batch_size: int, val_batch_size: int | None, max_train_samples: int | None) -> None:
-        """The state every token DataModule starts with (``ShardedLoaders`` reads the loader settings)."""
+        if not 0 <= cfg.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1) (got {cfg.val_fraction})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         self.cfg = cfg
-        # Global rank 0 alone builds the cache: with one builder per node, nodes sharing a filesystem would
-        # write the same directory at once.
-        self.prepare_data_per_node = False
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.prepare_data_per_node = False  # one builder: nodes sharing a filesystem would write the same directory
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.max_train_samples = max_train_samples
         self._consumed = 0
         self._meta: dict[str, Any] | None = None
@@ -228,14 +205,11 @@ class TokenCacheModule:
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
 
-    # -- hooks ------------------------------------------------------------------------------------
-    def cache_content(self) -> Any:
-        """What the cache is built from (files, an image source); FileNotFoundError or HubUnreachableError when gone."""
-        raise NotImplementedError
-
-    def cache_expect(self, meta: dict[str, Any], content: Any) -> dict[str, Any]:
-        """The meta.json values this config needs (``content`` None: the source is not looked at)."""
-        raise NotImplementedError
+    @property
+    def cache_path(self) -> Path:
+        if self._cache_path is None:
+            self._cache_path = self.find_cache_path()
+        return self._cache_path
 
     def check_cache(self, cache: Path, meta: dict[str, Any]) -> None:
         """Refuse a complete cache that must not be used (another tokenizer, ids out of range)."""
@@ -243,18 +217,12 @@ class TokenCacheModule:
     def check_overwrite(self, cache: Path, meta: dict[str, Any]) -> None:
         """Refuse to rebuild over a stale cache that is not ours to replace (default: any may be)."""
 
-    def build_cache_into(self, build: Build, content: Any) -> dict[str, Any]:
-        """Tokenise ``content`` into ``build``; returns the meta to commit."""
-        raise NotImplementedError
-
     @staticmethod
     def split_tokens(meta: dict[str, Any]) -> dict[str, int]:
-        """How many ids each split file holds."""
         return meta["tokens"]
 
-    # -- the cache ----------------------------------------------------------------------------------
     def stale_reason(self, cache: Path, meta: dict[str, Any] | None, content: Any = None) -> str | None:
-        """Why the cache at ``cache`` must be (re)built, or None when it can be used."""
+        """Why ``cache`` must be (re)built, or None."""
         if meta is None:
             return "no completed build (meta.json missing)"
         if meta.get("format") != self.cache_format:
@@ -272,18 +240,19 @@ class TokenCacheModule:
         return None
 
     def complete(self, cache: Path) -> bool:
-        """Whether ``cache`` holds a complete build matching the config (the source is not looked at)."""
         return self.stale_reason(cache, read_meta(cache)) is None
 
-    def newest_cache(self, root: Path, base: str, what: str) -> Path:
-        """The newest complete cache ``<root>/<base>-<digest>``, for a local source whose ``what`` are gone."""
-        newest, n = newest_cache(root, base, self.complete)
+    def keyed_cache(self, root: Path, base: str, digest: Callable[[], str], what: str) -> Path:
+        """``<root>/<base>-<digest()[:12]>``; when the source's ``what`` are gone, the newest complete such cache."""
+        try:
+            return root / f"{base}-{digest()[:12]}"
+        except FileNotFoundError:
+            newest, n = newest_cache(root, base, self.complete)
         if n > 1:
             say(f"the {what} of {self.cfg.source!r} are missing: using the newest token cache {newest} (of {n})")
         return newest or root / f"{base}-missing"
 
     def prepare_data(self) -> None:
-        """Build the token cache unless a complete, matching one exists (global rank 0 runs this, holding the build lock)."""
         cache = self.cache_path
         meta = read_meta(cache)
         try:
@@ -297,7 +266,7 @@ class TokenCacheModule:
             return
         if meta is not None:
             self.check_overwrite(cache, meta)
-        with build_lock(cache) as exclusive:  # another process may be building it: wait, then look again
+        with build_lock(cache) as exclusive:  # another process may have built it meanwhile: look again
             meta = read_meta(cache)
             reason = self.stale_reason(cache, meta, content)
             if reason is None:
@@ -330,6 +299,6 @@ class TokenCacheModule:
         return self._meta
 
     def token_counts(self) -> torch.Tensor:
-        """float64 ``[V]`` token counts over the train split (for the unigram noise law)."""
+        """float64 ``[V]`` train token counts (for the unigram noise law)."""
         self._load_meta()
         return torch.from_numpy(np.load(self.cache_path / "unigram.npy")).double()

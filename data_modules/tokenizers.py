@@ -1,8 +1,7 @@
 """Text tokenizers behind one small interface: GPT-2 byte-level BPE and a character vocabulary.
 
-Every tokenizer has a ``fingerprint()`` (a hash of exactly what maps text to ids) that keys the token
-caches, and a JSON-serialisable ``state()`` that ``tokenizer_from_state`` turns back into the same
-tokenizer, so caches and checkpoints can rebuild it without the corpus.
+``fingerprint()`` hashes exactly what maps text to ids (it keys the token caches); ``state()`` is JSON that
+``tokenizer_from_state`` turns back into the same tokenizer, so caches and checkpoints need no corpus.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ GPT2_EOS = "<|endoftext|>"
 
 
 def bundled_gpt2_path() -> Path:
-    """The GPT-2 ``tokenizer.json`` shipped inside the ``glauber`` package (works offline)."""
     return Path(str(files("glauber") / "assets/gpt2/tokenizer.json"))
 
 
@@ -42,38 +40,37 @@ class TextTokenizer(ABC):
         """Token ids of ``text`` (no BOS/EOS added)."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of several texts; subclasses may do this faster than one at a time."""
         return [self.encode(t) for t in texts]
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of a sequence of ids (special tokens are kept, so document boundaries stay visible)."""
+        """Text of ids (special tokens kept, so document boundaries stay visible)."""
 
     @abstractmethod
     def fingerprint(self) -> str:
-        """A stable hex hash identifying the exact id mapping; caches are keyed by it."""
+        """A stable hex hash of the exact id mapping."""
 
     @abstractmethod
     def state(self) -> dict[str, Any]:
-        """A JSON-serialisable description that ``tokenizer_from_state`` turns back into this tokenizer."""
+        """JSON that ``tokenizer_from_state`` turns back into this tokenizer."""
 
 
 class GPT2Tokenizer(TextTokenizer):
     """GPT-2 byte-level BPE (V = 50257); ``<|endoftext|>`` (50256) serves as both BOS and EOS.
 
-    ``source`` is ``"bundled"`` (the copy shipped with glauber, default), ``"hub"`` (the ``gpt2`` repo
-    on the Hugging Face hub or its local HF cache) or a path to any ``tokenizer.json``.
+    ``source``: ``"bundled"`` (shipped with glauber), ``"hub"`` (the hub's ``gpt2`` or its local HF cache)
+    or a path to any ``tokenizer.json``; ``text``: that file's content, when it is not at hand.
     """
 
-    def __init__(self, source: str = "bundled", timeout_s: float = 3.0):
+    def __init__(self, source: str = "bundled", timeout_s: float = 3.0, text: str | None = None):
         from tokenizers import Tokenizer
 
-        if source == "bundled":
-            self._tok = Tokenizer.from_file(str(bundled_gpt2_path()))
-            self.name = "gpt2"
+        if text is not None:
+            self._tok, self.name = Tokenizer.from_str(text), f"json:{Path(source).name}"
+        elif source == "bundled":
+            self._tok, self.name = Tokenizer.from_file(str(bundled_gpt2_path())), "gpt2"
         elif source == "hub":
-            self._tok = Tokenizer.from_file(str(_hub_gpt2_file(timeout_s)))
-            self.name = "gpt2-hub"
+            self._tok, self.name = Tokenizer.from_file(str(_hub_gpt2_file(timeout_s))), "gpt2-hub"
         else:
             path = Path(source).expanduser()
             if not path.is_file():
@@ -81,12 +78,10 @@ class GPT2Tokenizer(TextTokenizer):
                     f"data.tokenizer={source}: tokenizer file {path} not found: use data.tokenizer=gpt2 or a path to a "
                     "tokenizer.json"
                 )
-            self._tok = _tokenizer_file(path, source)
-            self.name = f"json:{path.name}"
+            self._tok, self.name = _tokenizer_file(path, source), f"json:{path.name}"
         self.source = source
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eos = self._tok.token_to_id(GPT2_EOS)
-        self.bos_id = self.eos_id = eos
+        self.bos_id = self.eos_id = self._tok.token_to_id(GPT2_EOS)
         self._fingerprint: str | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -99,8 +94,7 @@ class GPT2Tokenizer(TextTokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def fingerprint(self) -> str:
-        # Hash only what decides the ids (vocab, merges, added tokens), normalised so that the bundled and
-        # hub copies, and serialisations by different `tokenizers` versions, agree.
+        # only what decides the ids, normalised so the bundled and hub copies and all `tokenizers` versions agree
         if self._fingerprint is None:
             d = json.loads(self._tok.to_str())
             model = d["model"]
@@ -117,8 +111,7 @@ class GPT2Tokenizer(TextTokenizer):
 
 
 def _tokenizer_file(path: Path, source: str) -> Any:
-    """A ``tokenizers.Tokenizer`` read from ``path``; one line naming the file and ``data.tokenizer`` when it
-    is not a tokenizer.json (invalid JSON, another JSON, not UTF-8, unreadable)."""
+    """A ``tokenizers.Tokenizer`` read from ``path``, or one line naming the file when it is not a tokenizer.json."""
     from tokenizers import Tokenizer
 
     try:
@@ -132,7 +125,6 @@ def _tokenizer_file(path: Path, source: str) -> Any:
 
 
 def _hub_gpt2_file(timeout_s: float) -> Path:
-    """The hub's ``gpt2/tokenizer.json``: from the local HF cache if there, else downloaded."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache("gpt2", "tokenizer.json")
@@ -158,10 +150,8 @@ class CharTokenizer(TextTokenizer):
             raise ValueError("a character vocabulary needs at least one character (the corpus is empty)")
         if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
             raise ValueError("a character vocabulary must be distinct single characters")
-        self.chars = chars
+        self.chars, self.vocab_size, self.name = chars, len(chars), "char"
         self._index = {c: i for i, c in enumerate(chars)}
-        self.vocab_size = len(chars)
-        self.name = "char"
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -184,15 +174,14 @@ class CharTokenizer(TextTokenizer):
     def fingerprint(self) -> str:
         return _sha256({"type": "char", "chars": "".join(self.chars)})
 
-    def to_dict(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {"kind": "char", "chars": "".join(self.chars)}
+
+    to_dict = state
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
         return cls(list(d["chars"]))
-
-    def state(self) -> dict[str, Any]:
-        return self.to_dict()
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> TextTokenizer:
@@ -200,46 +189,35 @@ def tokenizer_from_state(state: dict[str, Any]) -> TextTokenizer:
     kind = state.get("kind")
     if kind == "char":
         return CharTokenizer.from_dict(state)
-    if kind == "gpt2":
-        source = state.get("source", "bundled")
-        if "json" in state:
-            from tokenizers import Tokenizer
-
-            tok = GPT2Tokenizer.__new__(GPT2Tokenizer)
-            tok._tok = Tokenizer.from_str(state["json"])
-            tok.source, tok.name, tok._fingerprint = source, f"json:{Path(source).name}", None
-            tok.vocab_size = tok._tok.get_vocab_size(with_added_tokens=True)
-            tok.bos_id = tok.eos_id = tok._tok.token_to_id(GPT2_EOS)
-        else:
-            tok = GPT2Tokenizer("bundled")  # the hub copy has the same fingerprint; no network needed
-            if tok.fingerprint() != state.get("fingerprint", tok.fingerprint()):
-                tok = GPT2Tokenizer(source)
-        want = state.get("fingerprint")
+    if kind != "gpt2":
+        raise ValueError(f"unknown tokenizer state kind {kind!r} (expected 'gpt2' or 'char')")
+    source, want = state.get("source", "bundled"), state.get("fingerprint")
+    if "json" in state:
+        tok = GPT2Tokenizer(source, text=state["json"])
+    else:
+        tok = GPT2Tokenizer("bundled")  # the hub copy has the same fingerprint; no network needed
         if want is not None and tok.fingerprint() != want:
-            raise ValueError(
-                f"tokenizer fingerprint {tok.fingerprint()[:12]} differs from the recorded {want[:12]}: "
-                "the ids would mean other tokens; supply the original tokenizer.json"
-            )
-        return tok
-    raise ValueError(f"unknown tokenizer state kind {kind!r} (expected 'gpt2' or 'char')")
+            tok = GPT2Tokenizer(source)
+    if want is not None and tok.fingerprint() != want:
+        raise ValueError(
+            f"tokenizer fingerprint {tok.fingerprint()[:12]} differs from the recorded {want[:12]}: "
+            "the ids would mean other tokens; supply the original tokenizer.json"
+        )
+    return tok
 
 
 def load_tokenizer(spec: str, corpus_text: str | None = None, path: str | None = None, timeout_s: float = 3.0) -> TextTokenizer:
-    """A tokenizer from a config spec.
-
-    ``gpt2``: the bundled GPT-2 tokenizer. ``gpt2-hub``: the hub's copy. ``char``: characters of
-    ``corpus_text`` (or of the text file at ``path``). Anything else: a path to a ``tokenizer.json``.
-    """
+    """A tokenizer from a config spec: ``gpt2`` (bundled), ``gpt2-hub`` (the hub's copy), ``char`` (the
+    characters of ``corpus_text`` or of the text file at ``path``), else a path to a ``tokenizer.json``."""
     if spec == "gpt2":
         return GPT2Tokenizer("bundled")
     if spec == "gpt2-hub":
         return GPT2Tokenizer("hub", timeout_s=timeout_s)
     if spec == "char":
         if corpus_text is None and path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise FileNotFoundError(f"char tokenizer: corpus file {p} not found; pass corpus_text or an existing path")
-            corpus_text = p.read_text(encoding="utf-8")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"char tokenizer: corpus file {path} not found; pass corpus_text or an existing path")
+            corpus_text = Path(path).read_text(encoding="utf-8")
         if corpus_text is None:
             raise ValueError("the char tokenizer needs its corpus: pass corpus_text (or path to a text file)")
         return CharTokenizer.from_text(corpus_text)

@@ -1,5 +1,5 @@
-"""The VQ tokenizer of an image token cache: a checkpoint named by ``data.tokenizer`` (loaded once, with
-``glauber.nn.vq.load_vq``) or a ready object, identified by a sha256 that keys and guards the cache."""
+"""The VQ tokenizer of an image token cache: a checkpoint named by ``data.tokenizer`` (loaded once) or a
+ready object, identified by a sha256 that keys and guards the cache."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from data_modules.fingerprint import file_sha256
-from glauber.nn.vq import load_vq
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from data_modules.paths import find_path
+from glauber.nn.vq_checkpoint import load_vq
 
 
 def tokenizer_vocab(tok: Any) -> int:
@@ -27,8 +26,7 @@ def tokenizer_vocab(tok: Any) -> int:
 
 
 def token_grid(tok: Any, image_size: int) -> tuple[int, int]:
-    """The token grid ``(h, w)`` an ``image_size`` image becomes: ``S / downsample_factor`` when the
-    tokenizer states its factor, else its ``grid_shape``."""
+    """The token grid ``(h, w)`` of an ``image_size`` image: by the tokenizer's ``downsample_factor``, else its ``grid_shape``."""
     f = getattr(tok, "downsample_factor", None)
     if f:
         if image_size % f:
@@ -39,18 +37,16 @@ def token_grid(tok: Any, image_size: int) -> tuple[int, int]:
 
 
 def _object_sha256(tok: Any) -> str:
-    """A hash of a tokenizer object's weights (when no checkpoint file identifies it)."""
-    if isinstance(tok, torch.nn.Module):
-        h = hashlib.sha256()
-        for k, v in sorted(tok.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-    raise ValueError(f"tokenizer object {type(tok).__name__} needs a sha256 attribute (or be an nn.Module) to key its cache")
+    if not isinstance(tok, torch.nn.Module):
+        raise ValueError(f"tokenizer object {type(tok).__name__} needs a sha256 attribute (or be an nn.Module) to key its cache")
+    h = hashlib.sha256()
+    for k, v in sorted(tok.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def encode_ids(tok: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """int64 ``[B, h, w]`` token ids of uint8 ``[B, S, S, 3]`` images."""
     ids = tok.encode_to_ids(np.ascontiguousarray(images), batch_size=batch_size)
     ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
     if ids.ndim != 3 or len(ids) != len(images):
@@ -67,10 +63,7 @@ class VQTokenizer:
     def path(self) -> Path | None:
         if not self.spec:
             return None
-        p = Path(self.spec).expanduser()
-        if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
-            p = PROJECT_ROOT / p
-        return p.resolve()
+        return (find_path(self.spec) or Path(self.spec).expanduser()).resolve()
 
     def name(self) -> str:
         path = self.path()
@@ -94,8 +87,8 @@ class VQTokenizer:
         return self._model
 
     def sha256(self) -> str:
-        """Its checkpoint file's sha256; for a tokenizer object, its ``sha256`` attribute, else the file's
-        when ``data.tokenizer`` names one, else a hash of its weights."""
+        """The checkpoint file's sha256; for a given object, its ``sha256`` attribute, else the file's when
+        ``data.tokenizer`` names one, else a hash of its weights."""
         if self._sha is None:
             path, given = self.path(), self.given
             if given is None:
@@ -110,7 +103,7 @@ class VQTokenizer:
         return self._sha
 
     def info(self, image_size: int) -> dict[str, Any]:
-        """Path, name, sha256, token grid, vocabulary and image size (loads the model; recorded in meta.json)."""
+        """What meta.json records of the tokenizer (loads the model)."""
         path, tok = self.path(), self.model()
         return {
             "kind": "vq",
@@ -123,7 +116,7 @@ class VQTokenizer:
         }
 
     def decode(self, ids: Any, grid: tuple[int, int]) -> np.ndarray:
-        """uint8 ``[N, H, W, 3]`` images of token ids ``[N, h*w]`` (or ``[N, h, w]``) through the decoder."""
+        """uint8 ``[N, H, W, 3]`` images of token ids ``[N, h*w]`` (or ``[N, h, w]``)."""
         tok = self.model()
         ids = torch.as_tensor(ids, dtype=torch.long)
         params = list(tok.parameters()) if isinstance(tok, torch.nn.Module) else []

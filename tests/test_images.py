@@ -23,7 +23,7 @@ PALETTE = np.array(
 
 
 class PaletteVQ:
-    """A stand-in for ``glauber.nn.vq.VQModel``: F x F average pooling, then the nearest palette colour."""
+    """A stand-in for ``glauber.nn.vq_model.VQModel``: F x F average pooling, then the nearest palette colour."""
 
     downsample_factor = F
 
@@ -216,8 +216,10 @@ def test_two_ranks_get_disjoint_data_and_resume_continues_the_stream(tmp_path, n
 
 
 def test_a_real_vq_checkpoint_by_path(tmp_path, npz):
-    """The path route: ``glauber.nn.vq.load_vq``, sha256 of the file in the checkpoint state, decoding."""
-    from glauber.nn.vq import VQConfig, VQModel, save_vq
+    """The path route: ``glauber.nn.vq_checkpoint.load_vq``, sha256 of the file in the checkpoint state, decoding."""
+    from glauber.nn.vq_checkpoint import save_vq
+    from glauber.nn.vq_config import VQConfig
+    from glauber.nn.vq_model import VQModel
 
     torch.manual_seed(0)
     vq = VQModel(

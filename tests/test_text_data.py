@@ -12,6 +12,7 @@ from corpus import bare_trainer
 
 import data_modules.corpus as corpus
 import data_modules.hub as hub
+import data_modules.paths as paths
 import data_modules.text as text
 from data_modules.sampling import ResumableSampler
 from data_modules.text import TextDataConfig, TextDataModule
@@ -64,7 +65,7 @@ def test_gpt2_known_ids_and_special_token(gpt2):
 
 
 def test_gpt2_fingerprint_is_stable_and_state_round_trips(gpt2):
-    again = load_tokenizer(str(corpus.PROJECT_ROOT / "src/glauber/assets/gpt2/tokenizer.json"))
+    again = load_tokenizer(str(paths.PROJECT_ROOT / "src/glauber/assets/gpt2/tokenizer.json"))
     assert again.fingerprint() == gpt2.fingerprint()
     restored = tokenizer_from_state(json.loads(json.dumps(gpt2.state())))
     assert restored.fingerprint() == gpt2.fingerprint() and restored.encode("Hello world") == [15496, 995]

@@ -111,7 +111,7 @@ def test_cli_help_train_sample_and_infill(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "schedule.alpha_min: float = 0.001" in text
     # every key says what it does (its docstring paragraph or inline comment), for both config roots
-    assert "(in proportion to ``1 / (1 - Pi_t(phi))``)" in text and "(undocumented)" not in text
+    assert "(in proportion to 1 / (1 - Pi_t(phi)))" in text and "(undocumented)" not in text
     assert main(["config-help", "--modality", "image"]) == 0
     text = capsys.readouterr().out
     assert "image.fid_route: str = 'auto'" in text and "(undocumented)" not in text

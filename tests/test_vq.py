@@ -13,7 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from glauber.commands import train_vq as train_vq_command
-from glauber.nn.vq import CONFIG_MISMATCH_HINT, VQConfig, VQModel, codebook_usage, load_vq, save_vq
+from glauber.nn.vq_checkpoint import CONFIG_MISMATCH_HINT, load_vq, save_vq
+from glauber.nn.vq_config import VQConfig
+from glauber.nn.vq_model import VQModel, codebook_usage
 from glauber.training.train_vq import load_vq_train_config
 from glauber.training.vq_module import VQTrainModule
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from data_modules.paths import find_path
 from glauber.commands.args import add_positions_per_step, check_positions_per_step, int_at_least
-from glauber.eval.fid import _local_path, compute_fid, make_reference_stats
+from glauber.eval.fid import compute_fid, make_reference_stats
 from glauber.eval.images import CheckpointImages, save_grid
 from glauber.eval.inception import MODES, NVIDIA_FILE, ROUTES
 from glauber.eval.inference import load_checkpoint
@@ -55,10 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def check_image_folder(ref: Any, option: str) -> None:
-    """Refuse, naming ``option`` and the folder, an image folder holding fewer than the 2 images FID needs
-    (empty, or only other files), before any network is loaded or image read; other sources (.zip, .npz,
-    ``hf:``, clean-fid statistics names, arrays) are checked where they are read."""
-    path = _local_path(str(ref)) if isinstance(ref, (str, Path)) else None
+    """Refuse an image folder with fewer than the 2 images FID needs before any network is loaded (other
+    sources are checked where they are read)."""
+    path = find_path(str(ref)) if isinstance(ref, (str, Path)) else None
     if path is None or not path.is_dir():
         return
     from cleanfid.utils import EXTENSIONS  # the suffixes clean-fid's get_folder_features reads
@@ -81,16 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for ref, option in ((args.generated, "--generated"), (args.reference, "--reference"), (args.make_stats, "--make-stats")):
         check_image_folder(ref, option)
     check_output_file(args.out, "--out")
-    common = {
-        "route": args.route,
-        "mode": args.mode,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "num_workers": args.num_workers,
-        "inception_weights": args.inception_weights,
-        "verbose": True,
-    }
+    keys = ("route", "mode", "image_size", "batch_size", "device", "num_workers", "inception_weights")
+    common = {k: getattr(args, k) for k in keys} | {"verbose": True}
     if args.make_stats:
         if not args.out:
             raise ValueError("--make-stats needs --out stats.npz")
@@ -119,24 +111,21 @@ def _emit(report: dict[str, Any], out: str | None) -> Path | None:
 
 
 def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
-    """Sample ``--num-samples`` images from an image checkpoint (EMA weights, float64 draws), decode them
-    with its VQ tokenizer and measure FID; the reference defaults to the run's ``image.fid_reference``
-    or its training images."""
-
+    """FID of ``--num-samples`` images sampled from an image checkpoint (EMA weights, float64 draws); the
+    reference defaults to the run's ``image.fid_reference`` or its training images."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(args.checkpoint, device)
     if module.cfg.get("modality", "text") != "image":
         raise ValueError(f"{args.checkpoint} is a text model: eval-fid needs an image checkpoint (or --generated)")
     check_positions_per_step(args.positions_per_step, module)
-    if not args.reference:  # the run's default reference, checked before the minutes of sampling
-        default = module.cfg.image.fid_reference or module.cfg.data.source
-        check_image_folder(default, "--reference (default: the run's image.fid_reference or data.source)")
+    reference = args.reference or module.cfg.image.fid_reference or module.cfg.data.source
+    if not args.reference:  # the run's default, checked before the minutes of sampling
+        check_image_folder(reference, "--reference (default: the run's image.fid_reference or data.source)")
     imgs = CheckpointImages(module)
     given = {"positions_per_step": args.positions_per_step, "steps": args.steps}
     options = {k: v for k, v in given.items() if v is not None} | {"float64": True}
     ids = imgs.sample_ids(args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, **options)
     images = imgs.decode(ids)
-    reference = args.reference or module.cfg.image.fid_reference or module.cfg.data.source
     common = {**common, "image_size": common["image_size"] or module.cfg.data.image_size}
     report = compute_fid(images, reference, **common)
     report.update(

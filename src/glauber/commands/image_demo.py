@@ -1,11 +1,7 @@
-"""``glauber image-demo`` / ``make demo-images``: the image path end to end on the CPU with nothing
-downloaded. Trains a small VQ tokenizer on the bundled Twemoji set, trains GGM on its 8x8 token grids,
-samples and infills, decodes, and measures FID with the bundled Inception against held-out real
-images, beside the floor (real vs real), the tokenizer's reconstructions and random tokens (the
-ceiling). Writes ``report.md``, ``samples.png``, ``infill.png`` and ``fid.json`` to the output folder.
-
-Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0 (see data/README.md).
-"""
+"""``glauber image-demo``: the image path end to end on the CPU, nothing downloaded: a VQ tokenizer and GGM
+trained on the bundled Twemoji (CC-BY 4.0, see data/README.md), samples, infilling and FID against held-out
+real images beside the floor (real vs real) and ceiling (random tokens). Writes ``report.md``,
+``samples.png``, ``infill.png`` and ``fid.json``."""
 
 from __future__ import annotations
 
@@ -84,7 +80,7 @@ def run(args: argparse.Namespace) -> Path:
     if not finished:
         times["ggm_training_s"] = time.time() - t0
 
-    module = load_checkpoint(out / "ggm" / "checkpoints" / "last.ckpt", "cpu")
+    module = load_checkpoint(last, "cpu")
     imgs = CheckpointImages(module)
     opts = {
         "positions_per_step": args.positions_per_step or cfg.sample.positions_per_step,
@@ -108,12 +104,9 @@ def run(args: argparse.Namespace) -> Path:
     save_grid(samples[:64], out / "samples.png", ncol=16)
 
     free = region_mask(imgs.grid, cfg.image.infill_region)
-    shown = a[:16]
-    vq = imgs.vq
-    shown_ids = vq.encode_to_ids(shown).reshape(len(shown), -1).cpu()
-    filled = imgs.decode(imgs.infill_ids(shown_ids, free, seed=args.seed, **opts))
-    recon_a = imgs.decode(vq.encode_to_ids(a[:n]).reshape(n, -1).cpu())
-    save_grid(np.concatenate([shown, show_mask(recon_a[:16], imgs.grid, free), filled]), out / "infill.png", ncol=16)
+    filled = imgs.decode(imgs.infill_ids(tokens(imgs, a[:16]), free, seed=args.seed, **opts))
+    recon_a = imgs.decode(tokens(imgs, a[:n]))
+    save_grid(np.concatenate([a[:16], show_mask(recon_a[:16], imgs.grid, free), filled]), out / "infill.png", ncol=16)
 
     g = torch.Generator().manual_seed(args.seed)
     random_ids = torch.randint(module.vocab_size, (n, cfg.data.seq_len), generator=g)
@@ -151,6 +144,11 @@ def run(args: argparse.Namespace) -> Path:
     write_report(out, cfg, result, module)
     print(f"report: {out / 'report.md'}")
     return out
+
+
+def tokens(imgs: CheckpointImages, images: np.ndarray) -> torch.Tensor:
+    """uint8 images -> token ids [N, h*w] on the CPU (the tokenizer's)."""
+    return imgs.vq.encode_to_ids(images).reshape(len(images), -1).cpu()
 
 
 def write_report(out: Path, cfg, result: dict, module) -> None:

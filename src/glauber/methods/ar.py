@@ -29,35 +29,23 @@ class ARModule(GenerativeModule):
     """
 
     def __init__(self, cfg: dict | DictConfig, vocab_size: int | None = None) -> None:
-        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else cfg
-        cfg = {**cfg, "model": {**cfg.get("model", {}), "causal": True}}
-        super().__init__(cfg, vocab_size)
-
-    def build_method(self, data_info: dict) -> None:
-        if self.model.alpha_embed is not None:
-            raise ValueError("model.condition_on_alpha is a GGM option; the autoregressive baseline has no signal levels")
-
-    # -- the network as a language model --------------------------------------------------------------
-    def shifted_input(self, ids: Tensor) -> Tensor:
-        """``[BOS, x_0, ..., x_{N-2}]`` with BOS = the extra embedding row ``V``."""
-        bos = torch.full_like(ids[:, :1], self.vocab_size)
-        return torch.cat([bos, ids[:, :-1]], dim=1)
+        super().__init__(OmegaConf.merge(cfg, {"model": {"causal": True}}), vocab_size)
 
     def logits(self, ids: Tensor) -> Tensor:
         """``[B, N, V]``: row ``i`` is the model's distribution of ``ids[:, i]`` given ``ids[:, :i]``."""
         B, N = ids.shape
+        bos = torch.full_like(ids[:, :1], self.vocab_size)
         time = torch.zeros(B, device=ids.device)
-        return self.model(self.shifted_input(ids), None, time).view(B, N, self.vocab_size)
+        return self.model(torch.cat([bos, ids[:, :-1]], dim=1), None, time).view(B, N, self.vocab_size)
 
     def token_nll(self, ids: Tensor) -> Tensor:
         """``[B, N]`` negative log-likelihood (nats) of each token given the ones before it."""
-        logits = self.logits(ids).float()
-        return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+        return F.cross_entropy(self.logits(ids).float().transpose(1, 2), ids, reduction="none")
 
     @torch.no_grad()
     def log_likelihood(self, ids: Tensor) -> Tensor:
-        """Per-sequence negative log-likelihood ``-log p(x)`` in nats ``[B]`` (float64 sum), with the
-        EMA weights in eval mode. Sequences may be shorter than ``data.seq_len``."""
+        """Per-sequence ``-log p(x)`` in nats ``[B]`` (float64 sum) with the EMA weights in eval mode;
+        sequences may be shorter than ``data.seq_len``."""
         with self.eval_weights():
             return self.token_nll(ids.to(self.device)).double().sum(1)
 
@@ -65,7 +53,6 @@ class ARModule(GenerativeModule):
         per_row = self.token_nll(batch).mean(1)
         return per_row.mean(), {"per_row": per_row}
 
-    # -- sampling --------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(
         self,
@@ -79,11 +66,9 @@ class ARModule(GenerativeModule):
         progress: bool = False,
         **ignored: Any,
     ) -> Tensor:
-        """``[num_samples, L]`` drawn left to right: ``L`` network calls of one position each on a
-        key/value cache (the prefix is never recomputed). Clamped positions (``template`` and
-        ``clamp_mask``, ``[L]`` or ``[B, L]``) are forced instead of drawn: a clamped prefix is a
-        prompt; a clamped suffix is written but cannot steer the tokens before it.
-        ``ignored``: options of other methods (``positions_per_step``...)."""
+        """``[num_samples, L]`` drawn left to right, one position per network call on a key/value cache.
+        Clamped positions (``template``, ``clamp_mask``) are forced instead of drawn: a clamped prefix is a
+        prompt; a clamped suffix cannot steer the tokens before it. ``ignored``: other methods' options."""
         L, B = self.cfg.data.seq_len, num_samples
         x, clamp = clamped_start(torch.zeros(B, L, dtype=torch.long, device=self.device), template, clamp_mask)
         self.last_sample_nfe = L

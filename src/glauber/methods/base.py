@@ -22,12 +22,8 @@ NUM_BUCKETS = 10  # validation loss is also reported per tenth of the noise time
 
 
 class GenerativeModule(L.LightningModule):
-    """Base LightningModule of every method (GGM and its baselines). Subclasses implement ``compute_loss``
-    and ``sample``.
-
-    ``vocab_size`` may be unknown at construction (it comes from the data): the network is then
-    built in ``configure_model`` from the attached DataModule.
-    """
+    """Base LightningModule of every method: subclasses implement ``compute_loss`` and ``sample``. Without a
+    ``vocab_size`` (it comes from the data) the network is built in ``configure_model`` from the DataModule."""
 
     def __init__(self, cfg: dict | DictConfig, vocab_size: int | None = None) -> None:
         super().__init__()
@@ -40,7 +36,6 @@ class GenerativeModule(L.LightningModule):
         if vocab_size is not None:
             self.build(vocab_size)
 
-    # -- construction -------------------------------------------------------------------------
     def build(self, vocab_size: int, data_info: dict | None = None) -> None:
         """Create the network (and method state) once the vocabulary is known."""
         if self.model is not None:
@@ -53,8 +48,7 @@ class GenerativeModule(L.LightningModule):
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
         if self.cfg.optim.ema > 0:
             self.ema = EMA(self.model, self.cfg.optim.ema)
-        self.val_loss = MeanMetric()
-        self.val_nll = MeanMetric()
+        self.val_loss, self.val_nll = MeanMetric(), MeanMetric()
         self.val_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_BUCKETS))
         self.build_method(self.data_info_)
 
@@ -69,11 +63,9 @@ class GenerativeModule(L.LightningModule):
             self.build(dm.vocab_size, self.data_info(dm))
 
     def data_info(self, dm: Any) -> dict:
-        """What is kept from the data in checkpoints: the tokenizer (so samples decode without the
-        corpus); subclasses add what their method needs (e.g. unigram counts)."""
+        """What checkpoints keep of the data: the tokenizer (samples decode without the corpus), plus what a method needs."""
         return {"tokenizer": dm.tokenizer_state()} if hasattr(dm, "tokenizer_state") else {}
 
-    # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         return adamw_with_schedule(self.model.parameters(), self.cfg.optim, self.cfg.train.max_steps)
 
@@ -97,7 +89,6 @@ class GenerativeModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch.shape[0])
         return loss
 
-    # -- evaluation -----------------------------------------------------------------------------
     def ema_scope(self) -> AbstractContextManager:
         """The EMA weights in the live network for a ``with`` block (restored on exit, also on an exception)."""
         return self.ema.scope(self.model) if self.ema is not None else nullcontext()
@@ -114,10 +105,9 @@ class GenerativeModule(L.LightningModule):
             self.model.train(was_training)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        """``val/loss`` over the validation batches, and per tenth of the noise time when ``compute_loss``
-        returns a ``time`` in [0, 1] per row, with the EMA weights (swapped in per batch, so no exception
-        can leave them in). The noise is seeded by batch and rank: every validation sees the same noise.
-        No host sync: rows enter each bucket's mean with weight 1 and the other rows with weight 0."""
+        """``val/loss`` with the EMA weights (swapped in per batch), also per tenth of the noise time when
+        ``compute_loss`` returns a ``time`` in [0, 1] per row. The noise is seeded by batch and rank, the same at
+        every validation. No host sync: each bucket's mean weighs its rows 1 and the other rows 0."""
         gen = torch.Generator(device=self.device).manual_seed(10_007 * batch_idx + self.global_rank + 17)
         with self.ema_scope():
             _, extra = self.compute_loss(batch, gen)
@@ -152,14 +142,12 @@ class GenerativeModule(L.LightningModule):
         """Draw ``[num_samples, L]`` token ids."""
 
     def network_calls(self, **options: Any) -> float:
-        """Network evaluations per sample of the last ``sample(**options)`` call (methods whose count
-        depends on the draw, like MDLM's caching sampler, record it in ``last_sample_nfe``)."""
+        """Network evaluations per sample of the last ``sample(**options)`` call (``last_sample_nfe``)."""
         nfe = getattr(self, "last_sample_nfe", None)
         if nfe is None:
             raise ValueError("no sample drawn yet")
         return float(nfe)
 
-    # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["glauber"] = {
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),

@@ -31,17 +31,15 @@ class GGMModule(GenerativeModule):
         p = self.cfg.process
         counts = data_info.get("token_counts")
         self.law = NoiseLaw.from_name(p.noise, self.vocab_size, torch.tensor(counts) if counts else None, p.unigram_smoothing)
-        base = self.cfg.schedule.positions_per_step
-        self.train_ms = sorted(set(p.positions_per_step) or {base})
+        self.train_ms = sorted(set(p.positions_per_step) or {self.cfg.schedule.positions_per_step})
         self._schedules: dict[tuple[int, int], GlauberSchedule] = {}
         self._t_probs: dict[tuple[int, torch.device], Tensor] = {}
         self._laws: dict[torch.device, NoiseLaw] = {}
 
     def schedule(self, m: int | None = None, sweeps: int | None = None) -> GlauberSchedule:
-        """The schedule with ``m`` positions per step and ``sweeps`` sweeps (default: the configured
-        ones), cached. Another ``K`` changes every position's signal level at every step: only a
-        network that reads the levels (``model.condition_on_alpha``) is told them, so one that reads
-        the time fraction alone is refused."""
+        """The schedule with ``m`` positions per step and ``sweeps`` sweeps (default: the configured ones), cached.
+        Another ``K`` changes every position's signal levels: only a network that reads them (``model.condition_on_alpha``)
+        can sample it."""
         m = m or self.cfg.schedule.positions_per_step
         trained = self.cfg.schedule.sweeps
         K = trained if sweeps is None else sweeps
@@ -66,17 +64,15 @@ class GGMModule(GenerativeModule):
         return self._t_probs[m, device]
 
     def law_on(self, device: torch.device) -> NoiseLaw:
-        """The noise law on ``device``: checked once when built, moved once (``NoiseLaw.to`` caches),
-        then the same object at every step."""
+        """The noise law on ``device``: checked once when built, then moved once and reused at every step."""
         if device not in self._laws:
             self._laws[device] = self.law.to(device)
         return self._laws[device]
 
     def denoiser(self, schedule: GlauberSchedule, clean_mask: Tensor | None = None) -> Denoiser:
-        """Adapt the network to the sampler's ``f(x_in, hidden, t) -> h``: ``hidden`` is a boolean mask
-        ``[B, L]`` or, as the sampler passes it (``takes_positions``), the sorted positions ``[B, m]``,
-        which cost no host-device synchronisation to gather. Positions in ``clean_mask`` (infilling)
-        are shown to the network as fully clean (signal level 1)."""
+        """The network as the sampler's ``f(x_in, hidden, t) -> h``; ``hidden``: a boolean mask ``[B, L]`` or sorted
+        positions ``[B, m]`` (``takes_positions``: no host-device synchronisation to gather). Positions in
+        ``clean_mask`` (infilling) are shown to the network as fully clean (signal level 1)."""
         clean = None if clean_mask is None else clean_mask.to(self.device)  # moved once, not per call
 
         def f(x_in: Tensor, hidden: Tensor, t: Tensor) -> Tensor:
@@ -95,13 +91,10 @@ class GGMModule(GenerativeModule):
     def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean GGM loss of a batch at random steps, and per-row extras.
 
-        No host-device synchronisation in training (after the first call): the batches come from the
-        DataModule's token cache, checked when it was built, and the first batch is checked here
-        once more; everything else runs inside ``trusted_inputs()``. The hidden-set size ``m`` of a
-        training batch (one of ``process.positions_per_step``) is drawn on the host from the
-        generator's seed, which ``step_generator`` derives from the batch counter: the same ``m`` for
-        the same batch on a resumed run, and no device value read back. (A caller reusing one
-        generator for several batches therefore gets one ``m``: seed a generator per batch.)"""
+        No host-device synchronisation after the first batch (checked here; the data was checked when
+        cached): the rest runs inside ``trusted_inputs()``. A training batch's hidden-set size ``m`` is drawn
+        on the host from the generator's seed (derived from the batch counter): the same ``m`` on a resumed
+        run, and one ``m`` for a caller that reuses one generator for several batches."""
         if not getattr(self, "_batch_checked", False):  # once, where data enters this module
             check_batch(batch, self.schedule(), self.law, "batch")
             self._batch_checked = True
@@ -140,38 +133,17 @@ class GGMModule(GenerativeModule):
         corrector_sweeps: int = 0,
         **options: Any,
     ) -> Tensor:
-        """Unconditional samples, or infilling when ``template`` and ``clamp_mask`` are given.
-        ``sweeps``: the sampling schedule's ``K`` (default: the trained one; see ``schedule``).
-        ``corrector_sweeps``: refinement sweeps after ``t = 0`` (``glauber_correct``).
+        """Unconditional samples, or infilling when ``template`` and ``clamp_mask`` are given. ``sweeps``: the
+        sampling ``K`` (see ``schedule``); ``corrector_sweeps``: refinement sweeps after ``t = 0``;
         ``options``: temperature, top_p, float64 (the final categorical draw)."""
         sched = self.schedule(positions_per_step, sweeps)
         law = self.law_on(self.device)
+        common = dict(corrector_sweeps=corrector_sweeps, generator=generator, progress=progress, **options)
         with self.eval_weights():
             if template is None:
-                return glauber_sample(
-                    self.denoiser(sched),
-                    sched,
-                    law,
-                    num_samples,
-                    corrector_sweeps=corrector_sweeps,
-                    generator=generator,
-                    device=self.device,
-                    progress=progress,
-                    **options,
-                )
-            template = template.to(self.device)
+                return glauber_sample(self.denoiser(sched), sched, law, num_samples, device=self.device, **common)
             clamp = clamp_mask.to(self.device)
-            return infill(
-                self.denoiser(sched, clamp),
-                sched,
-                law,
-                template,
-                clamp,
-                corrector_sweeps=corrector_sweeps,
-                generator=generator,
-                progress=progress,
-                **options,
-            )
+            return infill(self.denoiser(sched, clamp), sched, law, template.to(self.device), clamp, **common)
 
     def network_calls(
         self, positions_per_step: int | None = None, sweeps: int | None = None, corrector_sweeps: int = 0, **options: Any

@@ -20,36 +20,17 @@ from tqdm.auto import tqdm
 from glauber.core.sampler import clamped_start, draw_categorical
 from glauber.methods.base import GenerativeModule
 
+CACHE_NEEDS_NO_TIME = (
+    "mdlm.sampler=cache reuses network outputs across steps, valid only for a time-independent network "
+    "(without time conditioning): set mdlm.time_conditioning=false or mdlm.sampler=ancestral"
+)
+
 
 class MDLMModule(GenerativeModule):
-    """Masked diffusion (MDLM): training on the NELBO, ancestral or caching sampler.
+    """Masked diffusion (MDLM): training on the NELBO, ancestral or caching sampler. ``val/loss`` is the NELBO
+    per token in nats, an upper bound on the per-token NLL (comparable with the AR baseline's) up to the terms MDLM
+    also leaves out: ``t < eps`` is not sampled, and ``alpha(1) = eps`` rather than 0 (no prior term)."""
 
-    ``val/loss`` is the NELBO per token in nats: an upper bound on the per-token negative
-    log-likelihood, up to the terms MDLM leaves out as well (``t < eps`` is not sampled, and
-    ``alpha(1) = eps`` rather than 0, so the prior term is ignored); directly comparable with the AR
-    baseline's per-token NLL.
-    """
-
-    def build_method(self, data_info: dict) -> None:
-        m = self.cfg.mdlm
-        if self.model.alpha_embed is not None:
-            raise ValueError("model.condition_on_alpha is a GGM option; MDLM conditions on t (mdlm.time_conditioning)")
-        if self.model.cfg.causal:
-            raise ValueError("model.causal=true is for the autoregressive baseline; MDLM needs bidirectional attention")
-        self._check_sampler(m.sampler)
-        self.last_sample_nfe: float | None = None
-        self.last_sample_stats: dict[str, float] = {}
-
-    def _check_sampler(self, sampler: str) -> None:
-        if sampler not in ("ancestral", "cache"):
-            raise ValueError(f"mdlm.sampler must be 'ancestral' or 'cache' (got {sampler!r})")
-        if sampler == "cache" and self.cfg.mdlm.time_conditioning:
-            raise ValueError(
-                "mdlm.sampler=cache reuses network outputs across steps, valid only for a time-independent network: "
-                "set mdlm.time_conditioning=false or mdlm.sampler=ancestral"
-            )
-
-    # -- schedule -------------------------------------------------------------------------------------
     def alpha(self, t: Tensor) -> Tensor:
         """Probability that a token is still unmasked at time ``t``: ``1 - (1 - eps) t``."""
         return 1 - (1 - self.cfg.mdlm.eps) * t
@@ -67,7 +48,6 @@ class MDLMModule(GenerativeModule):
         eps = self.cfg.mdlm.eps
         return (eps + (1 - eps) * s).float()
 
-    # -- training -------------------------------------------------------------------------------------
     def compute_loss(self, batch: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         B, L = batch.shape
         t = self.draw_times(B, generator, batch.device)
@@ -80,7 +60,6 @@ class MDLMModule(GenerativeModule):
         per_row = per_row_ce / t / L  # weight -alpha'(t) / (1 - alpha(t)) = 1/t; per token
         return per_row.mean(), {"per_row": per_row, "time": t, "masked": masked.sum(1)}
 
-    # -- sampling --------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(
         self,
@@ -96,20 +75,17 @@ class MDLMModule(GenerativeModule):
         sampler: str | None = None,
         **ignored: Any,
     ) -> Tensor:
-        """``[num_samples, L]`` from all-masked at ``t = 1`` down to ``t = 0`` in ``steps`` steps
-        (default ``mdlm.steps``, else ``L``). From ``t`` to ``s = t - 1/steps`` each masked position is
-        unmasked with probability ``(alpha(s) - alpha(t)) / (1 - alpha(t))`` (1 at the last step), its
-        token drawn from the network's categorical (``temperature``, ``top_p``, float64 by default).
-
-        ``sampler`` (default ``mdlm.sampler``): ``ancestral`` calls the network on the whole batch at
-        every step that has masked positions; ``cache`` calls it only on the rows that changed since
-        their last call (a row that unmasked nothing reuses its previous output; exact for a
-        time-independent network, and with the same seed it draws the same samples as ``ancestral``).
-        Afterwards ``last_sample_nfe`` is the mean number of network evaluations per sequence and
-        ``last_sample_stats`` also has the batched calls. Infilling: positions in ``clamp_mask`` keep
-        ``template``'s tokens and are never masked. ``ignored``: other methods' options."""
+        """``[num_samples, L]`` from all-masked at ``t = 1`` to ``t = 0`` in ``steps`` steps (default ``mdlm.steps``,
+        else ``L``): from ``t`` to ``s = t - 1/steps`` each masked position is unmasked with probability
+        ``(alpha(s) - alpha(t)) / (1 - alpha(t))``, its token drawn from the network's categorical.
+        ``sampler`` (default ``mdlm.sampler``): ``ancestral`` calls the network on the whole batch at each step;
+        ``cache`` only on the rows changed since their last call (the same samples for the same seed, exact for a
+        time-independent network). Positions in ``clamp_mask`` keep ``template``'s tokens."""
         sampler = sampler or self.cfg.mdlm.sampler
-        self._check_sampler(sampler)
+        if sampler not in ("ancestral", "cache"):
+            raise ValueError(f"mdlm.sampler must be 'ancestral' or 'cache' (got {sampler!r})")
+        if sampler == "cache" and self.cfg.mdlm.time_conditioning:
+            raise ValueError(CACHE_NEEDS_NO_TIME)
         steps = steps or self.cfg.mdlm.steps or self.cfg.data.seq_len
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (got {steps})")
@@ -127,8 +103,9 @@ class MDLMModule(GenerativeModule):
                 if sampler == "ancestral" or h_cache is None or bool(changed.all()):
                     h = self.network(x, masked, t)
                     calls, row_evals = calls + 1, row_evals + B
-                elif bool(changed.any()):
-                    h = self._merge(h_cache, masked, changed, self.network(x[changed], masked[changed], t[changed]))
+                elif bool(changed.any()):  # fresh outputs for the changed rows, cached ones (row-major) elsewhere
+                    h = h_cache.clone()
+                    h[changed[masked.nonzero(as_tuple=True)[0]]] = self.network(x[changed], masked[changed], t[changed])
                     calls, row_evals = calls + 1, row_evals + int(changed.sum())
                 else:
                     h = h_cache
@@ -143,19 +120,5 @@ class MDLMModule(GenerativeModule):
                 if sampler == "cache":
                     h_cache = h[~unmask]  # the outputs at the positions still masked, in row-major order
         self.last_sample_nfe = row_evals / B
-        self.last_sample_stats = {
-            "steps": steps,
-            "network_calls": calls,
-            "row_evaluations": row_evals,
-            "nfe_per_sequence": row_evals / B,
-        }
+        self.last_sample_stats = dict(steps=steps, network_calls=calls, row_evaluations=row_evals, nfe_per_sequence=row_evals / B)
         return x
-
-    @staticmethod
-    def _merge(h_cache: Tensor, masked: Tensor, changed: Tensor, h_new: Tensor) -> Tensor:
-        """Outputs at every masked position (row-major order): ``h_cache`` holds the previous step's
-        outputs at exactly these positions (the still-masked ones), stale in the ``changed`` rows, whose
-        fresh outputs ``h_new`` replace them."""
-        out = h_cache.clone()
-        out[changed[masked.nonzero(as_tuple=True)[0]]] = h_new
-        return out

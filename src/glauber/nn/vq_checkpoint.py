@@ -1,13 +1,9 @@
-"""Loading and saving VQ tokenizers: our ``vq.ckpt`` (written by ``glauber train-vq``) and
-taming-transformers checkpoints.
-
-Parameter names and shapes follow taming's VQGAN, so its released checkpoints (e.g. the ImageNet f16
-models: 256x256 images -> 16x16 tokens) load with ``load_vq``, strictly and with errors that list every
-missing, unexpected or wrongly shaped key; their discriminator/LPIPS part (``loss.*``) is skipped.
-"""
+"""Loading and saving VQ tokenizers: our ``vq.ckpt`` (``glauber train-vq``) and taming-transformers
+checkpoints (strictly, errors listing every wrong key; their discriminator/LPIPS ``loss.*`` is skipped)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +18,8 @@ CONFIG_MISMATCH_HINT = "this checkpoint was made with a different ddconfig: pass
 
 
 def find_taming_config(ckpt_path: str | Path) -> Path | None:
-    """The yaml that describes a taming checkpoint: beside it, or in ``../configs/`` (taming's log layout
-    ``<run>/checkpoints/last.ckpt`` + ``<run>/configs/*-project.yaml``); the newest by name wins."""
+    """The yaml of a taming checkpoint: beside it, or in ``../configs/`` (taming's log layout); the newest
+    by name wins."""
     ckpt_path = Path(ckpt_path)
     candidates = [*sorted(ckpt_path.parent.glob("*.yaml")), *sorted((ckpt_path.parent.parent / "configs").glob("*.yaml"))]
     from omegaconf import OmegaConf
@@ -40,8 +36,7 @@ def find_taming_config(ckpt_path: str | Path) -> Path | None:
 
 
 def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Strict comparison of a state dict with the model: missing, unexpected and wrongly shaped keys are
-    all listed in one ``ValueError``."""
+    """Raise one ``ValueError`` listing the missing, unexpected and wrongly shaped keys of ``state``."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -55,10 +50,7 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "
 
     def listing(title: str, items: list[str]) -> str:
         if len(items) > 8 and title != "shape mismatches":  # many keys: group them by module (e.g. a whole level)
-            groups: dict[str, int] = {}
-            for k in items:
-                prefix = ".".join(k.split(".")[:3])
-                groups[prefix] = groups.get(prefix, 0) + 1
+            groups = Counter(".".join(k.split(".")[:3]) for k in items)
             items = [f"{g}.* ({n} keys)" if n > 1 else g for g, n in groups.items()]
         shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
         return f"{title}: {shown}"
@@ -75,13 +67,8 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "
 def load_vq(
     path: str | Path, config: VQConfig | dict | str | Path | None = None, map_location: str | torch.device = "cpu"
 ) -> VQModel:
-    """Load a VQ tokenizer (eval mode) from a ``glauber train-vq`` ``vq.ckpt`` or a taming-transformers
-    checkpoint (a dict with ``state_dict``; ``loss.*`` entries are skipped).
-
-    ``config``: a ``VQConfig``, a dict (flat keys, or a taming config with ``model.params``) or a yaml path.
-    By default the architecture comes from the checkpoint itself (ours) or from the taming yaml found
-    beside it or in ``../configs/``.
-    """
+    """A VQ tokenizer in eval mode from our ``vq.ckpt`` or a taming checkpoint. ``config`` (a ``VQConfig``,
+    dict or yaml path) defaults to the one stored in ours, or the taming yaml ``find_taming_config`` finds."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQ checkpoint {path} not found")

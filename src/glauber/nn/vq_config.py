@@ -1,5 +1,4 @@
-"""The VQ tokenizer's architecture, ``VQConfig``: taming-transformers' ``ddconfig`` plus ``embed_dim`` and
-``n_embed``, read from our flat ``vq`` keys or from a taming yaml (``model.params``)."""
+"""``VQConfig``: the VQ tokenizer's architecture, from our flat ``vq`` keys or a taming yaml (``model.params``)."""
 
 from __future__ import annotations
 
@@ -7,19 +6,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-TAMING_NORM_GROUPS = 32  # GroupNorm groups of the taming architecture
-
 
 @dataclass
 class VQConfig:
-    """VQ tokenizer architecture (taming-transformers ``ddconfig`` + ``embed_dim`` + ``n_embed``).
+    """taming-transformers' ``ddconfig`` plus ``embed_dim`` (code dimension) and ``n_embed`` (codebook size).
 
-    The defaults are the ImageNet f16 VQGAN (256x256 -> 16x16 tokens, codebook 1024).
-    embed_dim: dimension of the codebook vectors. n_embed: codebook size (the token vocabulary).
-    ch, ch_mult: base channels and their multiplier per resolution level (``len(ch_mult) - 1``
-        2x downsamplings). attn_resolutions: feature-map sizes that get a self-attention block
-        (relative to ``resolution``). z_channels: encoder output / decoder input channels.
-    norm_groups: GroupNorm groups, 32 in taming (not a taming key; fewer allow narrower models, e.g. ch=16).
+    The defaults are the ImageNet f16 VQGAN (256x256 -> 16x16 tokens, codebook 1024); ``len(ch_mult) - 1``
+    2x downsamplings; ``attn_resolutions`` are feature-map sizes. ``norm_groups`` (not a taming key): the
+    GroupNorm groups, 32 in taming; fewer allow narrower models.
     """
 
     embed_dim: int = 256
@@ -34,7 +28,7 @@ class VQConfig:
     out_ch: int = 3
     dropout: float = 0.0
     double_z: bool = False
-    norm_groups: int = TAMING_NORM_GROUPS
+    norm_groups: int = 32
 
     @property
     def downsample_factor(self) -> int:
@@ -70,7 +64,7 @@ class VQConfig:
         params = d.get("model", {}).get("params") if isinstance(d.get("model"), dict) else None
         if params is not None:
             target = str(d["model"].get("target", ""))
-            if "Gumbel" in target or "gumbel" in target.lower():
+            if "gumbel" in target.lower():
                 raise ValueError(f"{source}: {target} (Gumbel quantizer) is not supported; only VQModel checkpoints are")
             if "ddconfig" not in params or "n_embed" not in params or "embed_dim" not in params:
                 raise ValueError(f"{source}: model.params must hold ddconfig, embed_dim and n_embed (taming VQModel config)")

@@ -1,11 +1,5 @@
-"""The VQ tokenizer network: a VQGAN encoder/decoder (taming-transformers' layout and parameter names)
-around a nearest-neighbour vector quantizer.
-
-Images become grids of token ids (``VQModel.encode_to_ids``) and grids of ids become images
-(``VQModel.decode_ids``), so that the discrete diffusion models of this package generate images as token
-sequences. Blocks: GroupNorm + swish + 3x3 conv residual blocks, single-head attention, a 2x resampling
-between levels (``glauber.nn.vq_config.VQConfig``). ``codebook_usage`` measures how evenly the codes are used.
-"""
+"""The VQ tokenizer network: a VQGAN encoder/decoder (taming-transformers' layout and parameter names, so
+its checkpoints load) around a nearest-neighbour vector quantizer. Images <-> grids of token ids."""
 
 from __future__ import annotations
 
@@ -76,12 +70,17 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: ``block`` (residual blocks), ``attn`` (possibly empty), then a resampling."""
+    """One resolution level: residual blocks ``block``, each followed by an ``attn`` block when ``attend``;
+    the encoder/decoder adds its ``downsample``/``upsample``."""
 
-    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]) -> None:
+    def __init__(self, cfg: VQConfig, c_in: int, c_out: int, n_blocks: int, attend: bool) -> None:
         super().__init__()
-        self.block = nn.ModuleList(blocks)
-        self.attn = nn.ModuleList(attns)
+        self.block, self.attn = nn.ModuleList(), nn.ModuleList()
+        for _ in range(n_blocks):
+            self.block.append(ResnetBlock(c_in, c_out, cfg.dropout, cfg.norm_groups))
+            c_in = c_out
+            if attend:
+                self.attn.append(AttnBlock(c_out, cfg.norm_groups))
 
     def run(self, h: Tensor) -> Tensor:
         for i, block in enumerate(self.block):
@@ -105,27 +104,19 @@ class _Mid(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        n_levels = len(cfg.ch_mult)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        in_mult = (1, *cfg.ch_mult)
-        res = cfg.resolution
+        c_in, res = cfg.ch, cfg.resolution
         self.down = nn.ModuleList()
-        for i in range(n_levels):
-            c_in, c_out = cfg.ch * in_mult[i], cfg.ch * cfg.ch_mult[i]
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(c_in, c_out, cfg.dropout, cfg.norm_groups))
-                c_in = c_out
-                if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(c_out, cfg.norm_groups))
-            level = _Level(blocks, attns)
-            if i != n_levels - 1:
-                level.downsample = Downsample(c_out)
+        for i, mult in enumerate(cfg.ch_mult):
+            level = _Level(cfg, c_in, cfg.ch * mult, cfg.num_res_blocks, res in cfg.attn_resolutions)
+            c_in = cfg.ch * mult
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample = Downsample(c_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(c_out, cfg.dropout, cfg.norm_groups)
-        self.norm_out = _norm(c_out, cfg.norm_groups)
-        self.conv_out = nn.Conv2d(c_out, cfg.z_channels, 3, padding=1)
+        self.mid = _Mid(c_in, cfg.dropout, cfg.norm_groups)
+        self.norm_out = _norm(c_in, cfg.norm_groups)
+        self.conv_out = nn.Conv2d(c_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -140,23 +131,16 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        n_levels = len(cfg.ch_mult)
         c_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downsample_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
         self.mid = _Mid(c_in, cfg.dropout, cfg.norm_groups)
         levels: list[_Level] = []
-        for i in reversed(range(n_levels)):
-            c_out = cfg.ch * cfg.ch_mult[i]
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(c_in, c_out, cfg.dropout, cfg.norm_groups))
-                c_in = c_out
-                if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(c_out, cfg.norm_groups))
-            level = _Level(blocks, attns)
+        for i in reversed(range(len(cfg.ch_mult))):
+            level = _Level(cfg, c_in, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, res in cfg.attn_resolutions)
+            c_in = cfg.ch * cfg.ch_mult[i]
             if i != 0:
-                level.upsample = Upsample(c_out)
+                level.upsample = Upsample(c_in)
                 res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)  # indexed by level (0 = full resolution), run from the last
@@ -222,7 +206,6 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
-    # -- geometry --------------------------------------------------------------------------------
     @property
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
@@ -247,8 +230,8 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
     def quantise(self, z_e: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(z_st, ids, z_q, codebook_loss, commit_loss)``: ``z_st`` equals ``z_q`` in value and passes the
-        decoder's gradient straight through to ``z_e`` (straight-through estimator)."""
+        """``(z_st, ids, z_q, codebook_loss, commit_loss)``; ``z_st`` is ``z_q`` with the straight-through
+        gradient to ``z_e``."""
         ids = self.quantize.nearest(z_e)
         z_q = self.quantize.lookup(ids).to(z_e.dtype)
         z32, q32 = z_e.float(), z_q.float()
@@ -263,12 +246,9 @@ class VQModel(nn.Module):
         return VQOutput(self.decode_latent(z_st), ids, z_e, z_q, codebook_loss, commit_loss)
 
     # -- token API ------------------------------------------------------------------------------------
-    def _param(self) -> Tensor:
-        return next(self.parameters())
-
     def prepare(self, images: Tensor | np.ndarray) -> Tensor:
-        """uint8 [N, H, W, C] (tensor or numpy) or float [N, C, H, W] in [-1, 1] -> float [N, C, H, W] on
-        the model's device and dtype, checked against ``in_channels`` and the downsampling factor."""
+        """uint8 [N, H, W, C] (tensor or numpy) or float [N, C, H, W] in [-1, 1] -> checked float [N, C, H, W]
+        on the model's device and dtype."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
         c, f = self.config.in_channels, self.downsample_factor
@@ -288,23 +268,20 @@ class VQModel(nn.Module):
         h, w = images.shape[-2:]
         if h % f or w % f:
             raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {f}")
-        p = self._param()
+        p = next(self.parameters())
         return images.to(device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
     def encode_to_ids(self, images: Tensor | np.ndarray, batch_size: int = 64) -> Tensor:
-        """uint8 [N, H, W, 3] or float [N, 3, H, W] in [-1, 1] -> token ids, LongTensor [N, H/f, W/f].
-
-        Runs in batches of ``batch_size`` on the model's device; the ids come back on the device of
-        ``images`` (CPU for numpy input)."""
+        """uint8 [N, H, W, 3] or float [N, 3, H, W] in [-1, 1] -> token ids, LongTensor [N, H/f, W/f], on the
+        device of ``images`` (CPU for numpy)."""
         out_device = images.device if isinstance(images, Tensor) else torch.device("cpu")
         parts = [
             self.quantize.nearest(self.encode_latent(self.prepare(images[s : s + batch_size]))).to(out_device)
             for s in range(0, len(images), batch_size)
         ]
         if not parts:
-            uint8 = images.dtype in (torch.uint8, np.uint8)
-            h, w = (s // self.downsample_factor for s in (images.shape[1:3] if uint8 else images.shape[2:4]))
+            h, w = (s // self.downsample_factor for s in self.prepare(images).shape[-2:])
             return torch.empty(0, h, w, dtype=torch.long, device=out_device)
         return torch.cat(parts)
 
@@ -326,7 +303,7 @@ class VQModel(nn.Module):
             raise ValueError(f"token ids must be [N, h, w] or [N, h*w] (got shape {tuple(ids.shape)})")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.n_embed):
             raise ValueError(f"token ids must lie in [0, {self.config.n_embed}) (got {int(ids.min())}..{int(ids.max())})")
-        out_device, p = ids.device, self._param()
+        out_device, p = ids.device, next(self.parameters())
         parts = []
         for s in range(0, ids.shape[0], batch_size):
             z_q = self.quantize.lookup(ids[s : s + batch_size].to(p.device, torch.long)).to(p.dtype)
@@ -343,16 +320,15 @@ class VQModel(nn.Module):
 
 
 def codebook_perplexity(counts: Tensor) -> Tensor:
-    """exp of the entropy of the code frequencies ``counts / counts.sum()``: ``n_embed`` when the codes are
-    used uniformly, 1 when a single one is (a 0-dim tensor of counts' dtype)."""
+    """exp of the entropy of the code frequencies: ``n_embed`` for uniform use, 1 for a single code."""
     p = counts / counts.sum().clamp_min(1)
     p = p[p > 0]
     return torch.exp(-(p * p.log()).sum())
 
 
 def codebook_usage(counts: Tensor) -> dict[str, Any]:
-    """Usage of the codebook from the count of each code (e.g. ``torch.bincount(ids, minlength=n_embed)``):
-    ``perplexity``, ``used_fraction`` (codes used at least once), ``n_tokens`` and ``counts``, as plain numbers."""
+    """``perplexity``, ``used_fraction`` (codes used at least once), ``n_tokens`` and ``counts`` of the
+    per-code counts (e.g. ``torch.bincount(ids, minlength=n_embed)``), as plain numbers."""
     counts = counts.detach().double().cpu()
     return {
         "perplexity": float(codebook_perplexity(counts)),

@@ -19,9 +19,10 @@ from glauber.eval.images import CheckpointImages, fill_rows, region_mask, save_g
 
 
 def image_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    callbacks: list[Callback] = [ImageSamples(run_dir, cfg.sample.num_samples, sample_options(cfg), cfg.image.infill_region)]
+    options = sample_options(cfg)
+    callbacks: list[Callback] = [ImageSamples(run_dir, cfg.sample.num_samples, options, cfg.image.infill_region)]
     if cfg.image.fid_every_steps > 0:
-        callbacks.append(FIDEval(run_dir, cfg.image.fid_every_steps, cfg.image.fid_num_samples, cfg.image, sample_options(cfg)))
+        callbacks.append(FIDEval(run_dir, cfg.image.fid_every_steps, cfg.image.fid_num_samples, cfg.image, options))
     return callbacks
 
 
@@ -91,4 +92,5 @@ class FIDEval(Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         with (self.dir / "fid.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}}) + "\n")
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,10 +1,6 @@
-"""Training a small VQ image tokenizer: ``glauber train-vq CONFIG [key=value ...]``.
-
-The configuration (``VQTrainConfig``), the held-out split of the images, and the run's outputs; the loss and
-the codebook maintenance are ``glauber.training.vq_module.VQTrainModule``'s. Writes to ``run_dir``:
-``vq.ckpt`` (atomic; ``glauber.nn.vq.load_vq`` reads it), ``recon.png`` (held-out originals on top, their
-reconstructions below), ``metrics.csv``, ``config.yaml`` and ``summary.json``.
-"""
+"""``glauber train-vq``: the configuration, the held-out split and the outputs of training a small VQ image
+tokenizer (``VQTrainModule`` has the loss). Writes ``vq.ckpt``, ``recon.png``, ``metrics.csv``,
+``config.yaml`` and ``summary.json`` to ``run_dir``."""
 
 from __future__ import annotations
 
@@ -20,26 +16,23 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from data_modules.images import load_images
+from glauber.config import merge_typed, read_config
 from glauber.eval.images import fill_rows, save_grid
-from glauber.nn.vq import VQConfig, save_vq
+from glauber.nn.vq_checkpoint import save_vq
+from glauber.nn.vq_config import VQConfig
 from glauber.training.train import cpu_threads
 from glauber.training.vq_module import VQTrainModule
 
 
 @dataclass
 class VQTrainConfig:
-    """Training of a VQ image tokenizer (``glauber train-vq``).
+    """The keys of a ``glauber train-vq`` config.
 
-    data: a ``.npz`` with ``images`` uint8 [N, H, W, 3] or a folder of images. image_size: side the
-        images are brought to (None: ``vq.resolution``; must equal it). val_fraction: held-out share.
-    l1_weight, mse_weight: reconstruction loss on [-1, 1] pixels. beta: commitment weight.
-    codebook_ema: 0 = the codebook learns from the codebook loss (AdamW); in (0, 1) = EMA codebook
-        updates with that decay. dead_code_every: every N steps re-seed the codes unused for N steps
-        (0: never, the first-batch initialisation still happens).
-    lr_schedule: constant | cosine (after ``warmup_steps``, down to ``min_lr_ratio * lr``).
+    data: a ``.npz`` of ``images`` uint8 [N, H, W, 3] or an image folder. image_size: None = ``vq.resolution``
+    (must equal it). codebook_ema: 0 = the codebook learns by its loss, else EMA updates with this decay.
+    dead_code_every: re-seed codes unused for this many steps (0: never, after the first-batch seeding).
     """
 
     name: str = "vq"
@@ -78,23 +71,9 @@ class VQTrainConfig:
 
 # -- configuration ----------------------------------------------------------------------------------------
 def load_vq_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Merge a YAML file and ``key=value`` overrides onto the typed defaults, then validate (errors name the key)."""
-    cfg = OmegaConf.structured(VQTrainConfig)
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise FileNotFoundError(f"config file {p} not found; e.g. experiments/vq_emoji.yaml")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ValueError(f"overrides must look like key=value (got {bad})")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except (ConfigKeyError, ConfigAttributeError) as e:
-        raise ValueError(f"unknown config key {e.full_key!r}: {e.msg.splitlines()[0]}") from None
-    except ValidationError as e:
-        raise ValueError(f"bad value for config key {e.full_key!r}: {e.msg.splitlines()[0]}") from None
+    """Merge a YAML file (over its ``base:`` files) and ``key=value`` overrides onto ``VQTrainConfig``, then validate."""
+    raw, overrides = read_config(path, overrides, "e.g. experiments/vq_emoji.yaml")
+    cfg = merge_typed(VQTrainConfig, raw, overrides, "the keys are VQTrainConfig's, in glauber/training/train_vq.py")
     if cfg.image_size is None:
         cfg.image_size = cfg.vq.resolution
     validate_vq_train(cfg)
@@ -145,8 +124,8 @@ def load_image_array(cfg: DictConfig) -> np.ndarray:
 
 
 def split_images(images: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split into (train, held-out); at least one image each. The held-out images stay in
-    random order, so the first ones (shown in recon.png) are a fair sample."""
+    """A seeded split into (train, held-out), at least one image each; held-out in random order, so the
+    first ones (in recon.png) are a fair sample."""
     n = len(images)
     if n < 2:
         raise ValueError(f"need at least 2 images to hold some out (got {n})")
@@ -157,8 +136,7 @@ def split_images(images: np.ndarray, val_fraction: float, seed: int) -> tuple[np
 
 # -- outputs ------------------------------------------------------------------------------------------------
 def save_recon_grid(originals: np.ndarray, recons: np.ndarray, path: Path, cols: int = 16) -> None:
-    """uint8 ``[N, H, W, 3]`` images as rows of originals, each followed by the row of their reconstructions,
-    enlarged to about 64 px."""
+    """Rows of originals, each followed by the row of their reconstructions, enlarged to about 64 px."""
     rows = [r for k in range(0, len(originals), cols) for r in (originals[k : k + cols], recons[k : k + cols])]
     save_grid(fill_rows(rows), path, ncol=len(rows[0]), scale=max(1, 64 // max(originals.shape[1:3])))
 
@@ -199,17 +177,15 @@ def _fit_vq(cfg: DictConfig) -> Path:
 
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    images = load_image_array(cfg)
-    train_images, val_images = split_images(images, cfg.val_fraction, cfg.seed)
+    train_images, val_images = split_images(load_image_array(cfg), cfg.val_fraction, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
-    gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = torch.utils.data.DataLoader(
         torch.from_numpy(train_images),  # a tensor is a map-style dataset of its rows
         batch_size=min(cfg.batch_size, len(train_images)),
         shuffle=True,
         drop_last=True,
-        generator=gen,
+        generator=torch.Generator().manual_seed(cfg.seed),
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
@@ -245,21 +221,19 @@ def _fit_vq(cfg: DictConfig) -> Path:
     train_s = time.perf_counter() - t0
     trainer.validate(module, dataloaders=val_loader, verbose=False)  # final numbers, vq.ckpt and recon.png
     if trainer.is_global_zero:
-        s = module.val_stats
-        u = s.get("codebook_usage") or {}
+        s, u = module.val_stats, module.val_stats["codebook_usage"]
         summary = {
             "steps": trainer.global_step,
             "train_s": round(train_s, 1),
-            "val_mse": s.get("val/mse"),
-            "val_psnr_db": s.get("val/psnr"),
+            "val_mse": s["val/mse"],
+            "val_psnr_db": s["val/psnr"],
             "codebook_size": cfg.vq.n_embed,
-            "codebook_perplexity": u.get("perplexity"),
-            "codes_used_fraction": u.get("used_fraction"),
+            "codebook_perplexity": u["perplexity"],
+            "codes_used_fraction": u["used_fraction"],
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(
-            f"train-vq: {trainer.global_step} steps in {train_s:.0f} s; held-out MSE {s.get('val/mse', float('nan')):.4f} "
-            f"([-1, 1] pixels), PSNR {s.get('val/psnr', float('nan')):.2f} dB, codebook perplexity "
-            f"{u.get('perplexity', float('nan')):.1f}, {100 * u.get('used_fraction', float('nan')):.1f}% of codes used"
+            f"train-vq: {trainer.global_step} steps in {train_s:.0f} s; held-out MSE {s['val/mse']:.4f} ([-1, 1] pixels), PSNR "
+            f"{s['val/psnr']:.2f} dB, codebook perplexity {u['perplexity']:.1f}, {100 * u['used_fraction']:.1f}% of codes used"
         )
     return run_dir

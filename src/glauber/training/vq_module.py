@@ -1,15 +1,8 @@
-"""The LightningModule that trains a VQ image tokenizer (``glauber train-vq``).
-
-Loss: ``l1_weight * |x - x_hat| + mse_weight * (x - x_hat)^2 + beta * |z_e - sg(z_q)|^2`` plus the codebook
-term ``|sg(z_e) - z_q|^2`` (or, with ``codebook_ema > 0``, codebook updates by exponential moving averages of
-the assigned encoder outputs instead), the decoder's gradient reaching the encoder by the straight-through
-estimator. No perceptual or adversarial loss: this is the small-scale tokenizer (VQ-VAE style), not
-taming's full VQGAN recipe.
-
-The codebook starts from encoder outputs of the first batch; every ``dead_code_every`` steps the codes
-unused for that many steps ("dead") are re-seeded from encoder outputs of the current batch. Codebook
-usage (perplexity and % of codes used) is logged.
-"""
+"""The LightningModule of ``glauber train-vq``: L1/MSE reconstruction + ``beta`` x commitment loss, the
+codebook learnt by its loss or by EMA (``codebook_ema``), straight-through gradients to the encoder. No
+perceptual or adversarial loss: a small VQ-VAE-style tokenizer, not taming's full VQGAN recipe. Codes
+start from encoder outputs of the first batch; every ``dead_code_every`` steps unused ("dead") codes are
+re-seeded from the current batch."""
 
 from __future__ import annotations
 
@@ -26,8 +19,8 @@ from glauber.nn.vq_model import VQModel, codebook_perplexity, codebook_usage
 
 
 class VQTrainModule(L.LightningModule):
-    """Trains a ``VQModel`` (``self.model``); the training state (code last-use steps, EMA statistics) lives
-    in buffers of this module, so ``self.model.state_dict()`` keeps the taming layout."""
+    """Trains ``self.model``; the training state (code last-use steps, EMA statistics) lives in buffers of
+    this module, so ``self.model.state_dict()`` keeps the taming layout."""
 
     def __init__(self, cfg: dict | DictConfig) -> None:
         super().__init__()
@@ -46,19 +39,19 @@ class VQTrainModule(L.LightningModule):
         self.recon_pair: tuple[Tensor, Tensor] | None = None
         self._val: dict[str, Tensor] = {}
 
-    # -- helpers ------------------------------------------------------------------------------------
     @property
     def codebook(self) -> Tensor:
         return self.model.quantize.embedding.weight
 
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
     def _reduce(self, t: Tensor) -> Tensor:
-        if self._trainer is not None and self.trainer.world_size > 1:
-            return self.trainer.strategy.reduce(t, reduce_op="sum")
-        return t
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self._distributed() else t
 
     def to_float(self, batch: Tensor, augment: bool = False) -> Tensor:
         """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (random horizontal flips when asked)."""
-        x = batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous(memory_format=torch.channels_last)
+        x = self.model.prepare(batch).contiguous(memory_format=torch.channels_last)
         if augment and self.cfg.hflip:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -70,14 +63,14 @@ class VQTrainModule(L.LightningModule):
     # -- codebook maintenance -----------------------------------------------------------------------
     @torch.no_grad()
     def reseed_dead_codes(self, z_e: Tensor, step: int) -> Tensor:
-        """Codes unused for ``dead_code_every`` steps (all codes at the first step) get encoder outputs of
-        this batch, drawn at random; returns the indices of the re-seeded codes. Live codes are untouched."""
+        """Give the codes unused for ``dead_code_every`` steps (all at the first step) random encoder outputs of
+        this batch; returns their indices."""
         window = max(1, int(self.cfg.dead_code_every))
         dead = (step - self.last_used) >= window
         idx = dead.nonzero().squeeze(1)
         if idx.numel() == 0:
             return idx
-        flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+        flat = _vectors(z_e)
         gen = torch.Generator(device=flat.device).manual_seed(int(self.cfg.seed) * 1_000_003 + step)
         k = idx.numel()
         if flat.shape[0] >= k:
@@ -85,7 +78,7 @@ class VQTrainModule(L.LightningModule):
         else:  # fewer vectors than dead codes: repeat some, jittered so that they differ
             new = flat[torch.randint(flat.shape[0], (k,), generator=gen, device=flat.device)]
             new = new + 1e-3 * flat.std() * torch.randn(new.shape, generator=gen, device=flat.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self._distributed():
             new = self.trainer.strategy.broadcast(new, src=0)  # every rank keeps the same codebook
         self.codebook[idx] = new.to(self.codebook.dtype)
         self.last_used[idx] = step  # a grace period of one window
@@ -97,9 +90,7 @@ class VQTrainModule(L.LightningModule):
     @torch.no_grad()
     def ema_update(self, z_e: Tensor, ids: Tensor, counts: Tensor) -> None:
         decay = float(self.cfg.codebook_ema)
-        flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, ids.reshape(-1), flat)
-        sums = self._reduce(sums)
+        sums = self._reduce(torch.zeros_like(self.ema_sum).index_add_(0, ids.reshape(-1), _vectors(z_e)))
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
         n, eps = self.ema_count.numel(), 1e-5
@@ -160,13 +151,8 @@ class VQTrainModule(L.LightningModule):
 
     # -- validation: held-out reconstruction error and codebook usage -----------------------------------
     def on_validation_epoch_start(self) -> None:
-        dev = self.device
-        self._val = {
-            "abs": torch.zeros((), device=dev, dtype=torch.float64),
-            "sq": torch.zeros((), device=dev, dtype=torch.float64),
-            "pixels": torch.zeros((), device=dev, dtype=torch.float64),
-            "counts": torch.zeros(self.cfg.vq.n_embed, device=dev, dtype=torch.float64),
-        }
+        shapes = {"abs": (), "sq": (), "pixels": (), "counts": (self.cfg.vq.n_embed,)}
+        self._val = {k: torch.zeros(shape, device=self.device, dtype=torch.float64) for k, shape in shapes.items()}
         self.recon_pair = None
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -197,6 +183,11 @@ class VQTrainModule(L.LightningModule):
         for k, t in metrics.items():
             self.log(k, t, prog_bar=k == "val/psnr", sync_dist=False)
         self.val_stats = {**metrics, "codebook_usage": {**usage, "split": "held-out"}}
+
+
+def _vectors(z: Tensor) -> Tensor:
+    """Latents [N, C, h, w] -> float32 vectors [N*h*w, C], detached."""
+    return z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
 def _psnr(mse_pm1: Tensor) -> Tensor:
