@@ -1,10 +1,6 @@
-"""Text corpora: where the documents of a text source come from and how they are read.
-
-A local ``.txt`` file is ONE document, read ``TXT_CHUNK_BYTES`` at a time and cut only where GPT-2's
-pre-tokenizer cannot merge across, so its ids equal a one-shot tokenisation while memory stays bounded.
-Each row of a ``.jsonl``/``.json``/``.parquet`` file or a hub dataset is one document. An unreadable file
-is refused naming the file and line.
-"""
+"""Text corpora: the documents of a text source. A local ``.txt`` file is ONE document, read in chunks cut only
+where GPT-2's pre-tokenizer cannot merge across (ids equal a one-shot tokenisation, memory stays bounded); each
+row of a ``.jsonl``/``.json``/``.parquet`` file or hub dataset is one. An unreadable file is refused by file and line."""
 
 from __future__ import annotations
 
@@ -119,8 +115,7 @@ def _decode(path: Path, data: bytes, line0: int, offset0: int) -> str:
 
 
 def diagnose_json_files(files: list[Path], field: str | None = None) -> None:
-    """Raise ``BadCorpusError`` naming the first unreadable file and line of JSON-lines corpus files, or the
-    empty corpus; return when none is found."""
+    """Raise ``BadCorpusError`` naming the first unreadable file and line of JSON-lines corpus files, or the empty corpus."""
     rows, example = 0, f'{{"{field or "text"}": "..."}}'
     for path in files:
         if path.suffix == ".json":
@@ -155,8 +150,7 @@ def diagnose_json_files(files: list[Path], field: str | None = None) -> None:
 
 
 def load_local(files: list[Path], workdir: Path) -> Any:
-    """A ``Dataset`` of documents from local .jsonl/.json/.parquet files (arrow copy in ``workdir``); an
-    unreadable file gives one message naming it, not a traceback."""
+    """A ``Dataset`` of local .jsonl/.json/.parquet files (arrow copy in ``workdir``); an unreadable one is named, not traced."""
     from datasets import load_dataset
 
     builder = BUILDERS[files[0].suffix]
@@ -246,7 +240,24 @@ class DatasetDocs:
         yield from self._guarded(text or "" for batch in self.ds.iter(batch_size=1024) for text in batch[self.field])
 
     def token_blocks(self, tokenizer: TextTokenizer) -> Iterator[np.ndarray]:
-        yield from self._guarded(iter_tokens(tokenise(self.ds, tokenizer, self.field, self.num_proc, self.work, self.tag)))
+        """Token ids of the rows (EOS appended), mapped by ``datasets`` into ``work``."""
+        import pyarrow.compute as pc
+        from datasets import Features, List, Value
+
+        dtype = token_dtype(tokenizer.vocab_size)
+        tok_ds = self.ds.map(
+            _Tokenise(tokenizer, self.field),
+            batched=True,
+            batch_size=256,
+            num_proc=self.num_proc if self.num_proc > 1 else None,
+            remove_columns=self.ds.column_names,
+            features=Features({"ids": List(Value(dtype.name)), "n": Value("int64")}),
+            cache_file_name=str(self.work / f"{self.tag}.arrow"),
+            new_fingerprint=hashlib.sha256(f"{self.tag}-{tokenizer.fingerprint()}".encode()).hexdigest()[:16],
+            desc=f"tokenising {self.tag}",
+        )
+        tables = tok_ds.with_format("arrow").iter(batch_size=1024)
+        yield from self._guarded(pc.list_flatten(table.column("ids")).to_numpy() for table in tables)
 
     def _guarded(self, it: Iterator[Any]) -> Iterator[Any]:
         """``it``, with a decoding failure of a local file (``datasets`` reads latin-1 JSON lines, then fails
@@ -289,31 +300,6 @@ class _Tokenise:
         return {"ids": ids, "n": [len(x) for x in ids]}
 
 
-def tokenise(ds: Any, tokenizer: TextTokenizer, field: str, num_proc: int, workdir: Path, tag: str) -> Any:
-    """``ds`` with columns ``ids`` and ``n`` (their count), written under ``workdir``."""
-    from datasets import Features, List, Value
-
-    dtype = token_dtype(tokenizer.vocab_size)
-    return ds.map(
-        _Tokenise(tokenizer, field),
-        batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=ds.column_names,
-        features=Features({"ids": List(Value(dtype.name)), "n": Value("int64")}),
-        cache_file_name=str(workdir / f"{tag}.arrow"),
-        new_fingerprint=hashlib.sha256(f"{tag}-{tokenizer.fingerprint()}".encode()).hexdigest()[:16],
-        desc=f"tokenising {tag}",
-    )
-
-
-def iter_tokens(tok_ds: Any, batch_size: int = 1024) -> Iterator[np.ndarray]:
-    import pyarrow.compute as pc
-
-    for table in tok_ds.with_format("arrow").iter(batch_size=batch_size):
-        yield pc.list_flatten(table.column("ids")).to_numpy()
-
-
 def _local_docs(files: list[Path], source: str, cfg: Any, work: Path, tag: str, chunk_bytes: int) -> Any:
     if BUILDERS[files[0].suffix] == "text":
         return TextFiles(files, chunk_bytes)
@@ -321,13 +307,8 @@ def _local_docs(files: list[Path], source: str, cfg: Any, work: Path, tag: str, 
     return DatasetDocs(ds, text_column(ds, cfg.text_field, source, files), cfg.num_proc, work, tag, files)
 
 
-def _hub_docs(ds: Any, source: str, cfg: Any, work: Path, tag: str) -> DatasetDocs:
-    return DatasetDocs(ds, text_column(ds, cfg.text_field, source), cfg.num_proc, work, tag)
-
-
 def documents(cfg: Any, cache: Path, files: list[Path] | None, work: Path, chunk_bytes: int = TXT_CHUNK_BYTES) -> tuple:
-    """Train and validation documents (``TextFiles`` or ``DatasetDocs``; val None: cut the token stream by
-    ``val_fraction``) and the rule used."""
+    """Train and validation documents (val None: cut the token stream by ``val_fraction``) and the split rule used."""
     val, rule = None, f"last {cfg.val_fraction} of the token stream"
     if files is not None:
         train = _local_docs(files, cfg.source, cfg, work, "train", chunk_bytes)
@@ -345,7 +326,7 @@ def documents(cfg: Any, cache: Path, files: list[Path] | None, work: Path, chunk
                 raise ValueError(f"data.val_documents={k} must be in (0, {n}) for {cfg.source!r}: lower it")
             else:
                 ds, val_ds, rule = ds.select(range(n - k)), ds.select(range(n - k, n)), f"last {k} train documents"
-            val = _hub_docs(val_ds, cfg.source, cfg, work, "val")
+            val = DatasetDocs(val_ds, text_column(val_ds, cfg.text_field, cfg.source), cfg.num_proc, work, "val")
         train = DatasetDocs(ds, field, cfg.num_proc, work, "train")
     if cfg.val_source is not None:
         vfiles = val_files(cfg)
@@ -353,7 +334,8 @@ def documents(cfg: Any, cache: Path, files: list[Path] | None, work: Path, chunk
             val = _local_docs(vfiles, cfg.val_source, cfg, work, "val", chunk_bytes)
         else:
             vd = load_hub(cfg.val_source, cfg.hf_offline_timeout_s, cache)
-            val = _hub_docs(vd["validation"] if "validation" in vd else vd["train"], cfg.val_source, cfg, work, "val")
+            vd = vd["validation"] if "validation" in vd else vd["train"]
+            val = DatasetDocs(vd, text_column(vd, cfg.text_field, cfg.val_source), cfg.num_proc, work, "val")
         rule = f"val_source {cfg.val_source}"
     return train, val, rule
 

@@ -8,8 +8,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-HF_HOST = ("huggingface.co", 443)
-
 
 class HubUnreachableError(ValueError):
     """Something must come from the Hugging Face hub, which cannot be reached, and nothing is cached."""
@@ -18,7 +16,7 @@ class HubUnreachableError(ValueError):
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether a TCP connection to huggingface.co:443 opens within ``timeout_s``."""
     try:
-        with socket.create_connection(HF_HOST, timeout=timeout_s):
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
             return True
     except OSError:
         return False

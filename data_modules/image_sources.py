@@ -1,8 +1,6 @@
-"""Image sources: a folder of ``.png/.jpg/.jpeg/.webp`` images (searched recursively, sorted by relative
-path), a ``.zip`` of such images (sorted by name), a ``.npz`` holding ``images`` uint8 ``[N, H, W, 3]``,
-or a Hugging Face dataset ``hf:NAME[:split]`` (column ``image``, split ``train`` by default). Every image
-is made RGB on white and brought to ``image_size`` by ``fit_image``.
-"""
+"""Image sources: a folder of ``.png/.jpg/.jpeg/.webp`` images (searched recursively, sorted by relative path), a
+``.zip`` of such images (sorted by name), a ``.npz`` holding ``images`` uint8 ``[N, H, W, 3]``, or a Hugging Face dataset
+``hf:NAME[:split]`` (column ``image``, split ``train`` by default). ``fit_image`` makes each RGB on white at ``image_size``."""
 
 from __future__ import annotations
 
@@ -22,21 +20,10 @@ HF_PREFIX = "hf:"
 HF_IMAGE_COLUMNS = ("image", "img")
 
 
-def _to_rgb(img: Any) -> Any:
-    """A PIL image in RGB; transparency (RGBA, LA, P with a transparent colour) is composited on white."""
-    from PIL import Image
-
-    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def fit_image(img: Any, image_size: int | None, center_crop: bool = True) -> np.ndarray:
-    """uint8 ``[S, S, 3]`` of a PIL image or a uint8 array ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``: RGB on
-    white, then ``PIL.ImageOps.fit`` to ``S x S`` (centre crop and bicubic resize in one resampling), or
-    squashed to ``S x S`` without ``center_crop``. ``image_size=None``: RGB on white only, at its own size."""
+    """uint8 ``[S, S, 3]`` of a PIL image or a uint8 array ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``: RGB, transparency
+    composited on white, then ``PIL.ImageOps.fit`` to ``S x S`` (centre crop and bicubic resize in one resampling), or
+    squashed without ``center_crop``. ``image_size=None``: RGB on white only, at its own size."""
     from PIL import Image, ImageOps
 
     S = image_size
@@ -48,7 +35,10 @@ def fit_image(img: Any, image_size: int | None, center_crop: bool = True) -> np.
         if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (1, 3, 4))):
             raise ValueError(f"image arrays must be [H, W], [H, W, 3] or [H, W, 4] (got shape {img.shape})")
         img = Image.fromarray(img[..., 0] if img.ndim == 3 and img.shape[2] == 1 else img)
-    img = _to_rgb(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA")).convert("RGB")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
     if S is not None and img.size != (S, S):
         resize = ImageOps.fit if center_crop else Image.Image.resize
         img = resize(img, (S, S), Image.Resampling.BICUBIC)
@@ -93,8 +83,7 @@ def folder_images(root: Path) -> list[Path]:
 
 
 def content_digest(path: Path) -> str:
-    """sha256 of a local source's content: of the .zip/.npz file, or over a folder's image files (with their
-    relative names). Part of the token cache's key and of meta.json."""
+    """sha256 of a local source's content (the .zip/.npz file, or a folder's image files with their relative names)."""
     if path.is_dir():
         return json_digest([[f.relative_to(path).as_posix(), file_sha256(f)] for f in folder_images(path)])
     return file_sha256(path)
@@ -109,8 +98,7 @@ def _read(file: Any) -> Any:
 
 
 class ImageSource(Dataset):
-    """Random access to the ``items`` of a source, each image returned as uint8 ``[S, S, 3]`` (``fit_image``;
-    ``image_size=None``: RGB at their own sizes)."""
+    """Random access to the ``items`` of a source, each image as uint8 ``[S, S, 3]`` (see ``fit_image``)."""
 
     kind = "?"
     items: Any
@@ -162,8 +150,7 @@ class ZipImages(ImageSource):
     def __init__(self, path: Path, source: str, image_size: int | None, center_crop: bool = True):
         super().__init__(path, source, image_size, center_crop)
         with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXTS and not n.startswith("__MACOSX/")]
-        self.items = sorted(names)
+            self.items = sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXTS and not n.startswith("__MACOSX/"))
         if not self.items:
             raise ValueError(f"zip file {path} holds no {'/'.join(IMAGE_EXTS)} files")
         self._zip: zipfile.ZipFile | None = None
@@ -192,11 +179,6 @@ class ArrayImages(ImageSource):
             a = self.items = z["images"]
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] not in (1, 3, 4) or len(a) == 0:
             raise ValueError(f"{path}: 'images' must be a non-empty uint8 [N, H, W, 3] array (got {a.dtype} {a.shape})")
-
-    @property
-    def ready(self) -> bool:
-        S = self.image_size
-        return self.items.shape[3] == 3 and (S is None or self.items.shape[1:3] == (S, S))
 
 
 class HubImages(ImageSource):
@@ -237,12 +219,11 @@ def open_source(source: str, image_size: int | None, center_crop: bool = True, t
 
 
 def load_images(source: str, image_size: int, center_crop: bool = True, progress: bool = True) -> np.ndarray:
-    """Every image of ``source`` as uint8 ``[N, S, S, 3]`` (see ``fit_image``), with a progress bar for
-    folders, zips and hub datasets."""
+    """Every image of ``source`` as uint8 ``[N, S, S, 3]`` (see ``fit_image``); a progress bar unless it is a .npz."""
     from tqdm.auto import tqdm
 
-    src = open_source(source, image_size, center_crop)
-    if isinstance(src, ArrayImages) and src.ready:
+    src, S = open_source(source, image_size, center_crop), image_size
+    if isinstance(src, ArrayImages) and src.items.shape[3] == 3 and (S is None or src.items.shape[1:3] == (S, S)):
         return src.items
     out = np.empty((len(src), image_size, image_size, 3), dtype=np.uint8)
     show = progress and not isinstance(src, ArrayImages)

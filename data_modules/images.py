@@ -1,9 +1,7 @@
-"""Images as VQ token grids: a one-time token cache of an image source (one row of h*w uint16 ids per
-image, raster order), and a resumable DataModule. A cache of another tokenizer is refused, never mixed.
-
-Validation: ``val_size`` images, else ``round(val_fraction * N)``, drawn with ``SPLIT_SEED`` (not ``seed``).
-``hflip=True`` stores train image i as rows 2i and 2i + 1 (its mirror: a VQ codebook is not mirror symmetric).
-"""
+"""Images as VQ token grids: a one-time token cache of an image source (one row of h*w uint16 ids per image, raster
+order; a cache of another tokenizer is refused, never mixed), and a resumable DataModule. Validation: ``val_size`` images,
+else ``round(val_fraction * N)``, drawn with ``SPLIT_SEED`` (not ``seed``). ``hflip=True`` stores train image i as rows
+2i and 2i + 1 (its mirror: a VQ codebook is not mirror symmetric)."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset
 
 from data_modules.hub import HubUnreachableError, hf_cached, hub_reachable
 from data_modules.image_sources import (
@@ -34,11 +32,10 @@ from data_modules.token_cache import Build, TokenCacheModule, TokenWindows, Toke
 from data_modules.vq_tokenizer import VQTokenizer, encode_ids
 from glauber.schema import option
 
-__all__ = ["ImageDataConfig", "ImageTokenDataModule", "_resolve", "fit_image", "load_images", "open_source"]
+__all__ = ["ImageDataConfig", "ImageTokenDataModule", "fit_image", "load_images", "open_source"]
 
 FORMAT_VERSION = 3  # 2: sha256 of the images in the source signature and cache key; 3: PIL.ImageOps.fit crops
 SPLIT_SEED = 0
-_resolve = resolve_source  # the old name, still imported by glauber.eval.fid
 
 
 @dataclass
@@ -94,30 +91,6 @@ def check_tokenizer(cache: Path, meta: dict[str, Any], cfg: ImageDataConfig, sha
         )
 
 
-def check_meta(cache: Path, meta: dict[str, Any], cfg: ImageDataConfig, sha256: str) -> None:
-    check_tokenizer(cache, meta, cfg, sha256)
-    check_seq_len(cfg, *meta["grid"])
-    if meta["max_id"] >= meta["vocab_size"]:
-        raise ValueError(f"token cache {cache} holds id {meta['max_id']} >= vocab_size {meta['vocab_size']}: delete it")
-
-
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-class _Picked(Dataset):
-    def __init__(self, src: ImageSource, indices: np.ndarray):
-        self.src, self.indices = src, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> np.ndarray:
-        return self.src[int(self.indices[k])]
-
-
 def build_cache(cfg: ImageDataConfig, build: Build, src: ImageSource, tok: Any, tok_info: dict[str, Any]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -127,7 +100,7 @@ def build_cache(cfg: ImageDataConfig, build: Build, src: ImageSource, tok: Any, 
     if V > 65536:
         raise ValueError(f"the tokenizer's codebook has {V} entries; the uint16 token cache holds at most 65536")
     train_idx, val_idx = split_indices(len(src), cfg)
-    device = _device(cfg.encode_device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.encode_device == "auto" else cfg.encode_device)
     params = list(tok.parameters()) if isinstance(tok, torch.nn.Module) else []
     home = params[0].device if params else None
     if home is not None and home != device:
@@ -137,7 +110,7 @@ def build_cache(cfg: ImageDataConfig, build: Build, src: ImageSource, tok: Any, 
     try:
         for split, idx in (("train", train_idx), ("val", val_idx)):
             loader = DataLoader(
-                _Picked(src, idx), batch_size=cfg.encode_batch_size, num_workers=cfg.num_workers, collate_fn=np.stack
+                Subset(src, idx.tolist()), batch_size=cfg.encode_batch_size, num_workers=cfg.num_workers, collate_fn=np.stack
             )
             for batch in tqdm(loader, total=len(loader), desc=f"tokenising {split}", unit="batch", mininterval=1.0):
                 ids = encode_ids(tok, batch, cfg.encode_batch_size)
@@ -156,28 +129,27 @@ def build_cache(cfg: ImageDataConfig, build: Build, src: ImageSource, tok: Any, 
             tok.to(home)
     writer.close()
     counts = {s: n // L_ for s, n in writer.counts.items()}
-    meta = build.commit(
-        {
-            "format": FORMAT_VERSION,
-            "source": cfg.source,
-            "source_kind": src.kind,
-            "source_signature": src.signature(),
-            "image_size": cfg.image_size,
-            "center_crop": cfg.center_crop,
-            "hflip": cfg.hflip,
-            "hflip_layout": "train rows 2i and 2i+1 are image i and its mirror" if cfg.hflip else None,
-            "split": split_spec(cfg),
-            "images": {"total": len(src), "train": len(train_idx), "val": len(val_idx)},
-            "rows": counts,
-            "grid": [h, w],
-            "seq_len": L_,
-            "dtype": "uint16",
-            "vocab_size": V,
-            "max_id": writer.max_id,
-            "tokenizer": tok_info,
-            "unigram": "unigram.npy",
-        }
-    )
+    meta = {
+        "format": FORMAT_VERSION,
+        "source": cfg.source,
+        "source_kind": src.kind,
+        "source_signature": src.signature(),
+        "image_size": cfg.image_size,
+        "center_crop": cfg.center_crop,
+        "hflip": cfg.hflip,
+        "hflip_layout": "train rows 2i and 2i+1 are image i and its mirror" if cfg.hflip else None,
+        "split": split_spec(cfg),
+        "images": {"total": len(src), "train": len(train_idx), "val": len(val_idx)},
+        "rows": counts,
+        "grid": [h, w],
+        "seq_len": L_,
+        "dtype": "uint16",
+        "vocab_size": V,
+        "max_id": writer.max_id,
+        "tokenizer": tok_info,
+        "unigram": "unigram.npy",
+    }
+    build.commit(meta)
     say(f"token cache ready: {build.cache} (train {counts['train']:,}, val {counts['val']:,} rows of {L_} tokens)")
     return meta
 
@@ -260,7 +232,10 @@ class ImageTokenDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModu
         return {split: rows * meta["seq_len"] for split, rows in meta["rows"].items()}
 
     def check_cache(self, cache: Path, meta: dict[str, Any]) -> None:
-        check_meta(cache, meta, self.cfg, self.vq.sha256())
+        check_tokenizer(cache, meta, self.cfg, self.vq.sha256())
+        check_seq_len(self.cfg, *meta["grid"])
+        if meta["max_id"] >= meta["vocab_size"]:
+            raise ValueError(f"token cache {cache} holds id {meta['max_id']} >= vocab_size {meta['vocab_size']}: delete it")
 
     def check_overwrite(self, cache: Path, meta: dict[str, Any]) -> None:
         check_tokenizer(cache, meta, self.cfg, self.vq.sha256())  # another tokenizer's cache is refused

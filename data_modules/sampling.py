@@ -1,10 +1,7 @@
-"""A deterministic, resumable, rank-sharded stream of training indices, and the loaders built on it.
-
-Global draw ``g`` is item ``perm_e[g % N]`` with epoch ``e = g // N`` and ``perm_e = randperm(N)`` seeded
-by ``seed + e`` (``arange(N)`` without shuffling). Rank ``r`` of ``W`` takes draws ``g = n * W + r``, so
-ranks see disjoint items covering each epoch, and a run resumed at ``n = start`` continues exactly where
-it stopped, whatever the training loop does with the stream.
-"""
+"""A deterministic, resumable, rank-sharded stream of training indices, and the loaders built on it. Global draw ``g``
+is item ``perm_e[g % N]``, epoch ``e = g // N``, ``perm_e = randperm(N)`` seeded by ``seed + e`` (``arange(N)`` unshuffled).
+Rank ``r`` of ``W`` takes draws ``g = n * W + r``: ranks see disjoint items covering each epoch, and a run resumed at
+``n = start`` continues exactly where it stopped, whatever the training loop does with the stream."""
 
 from __future__ import annotations
 
@@ -18,18 +15,10 @@ CHUNK = 1 << 16
 
 
 class ResumableSampler(Sampler[int]):
-    """Indices for rank ``rank``: ``num_samples`` draws in all, starting at draw ``start``. Only the current
-    epoch's permutation is kept."""
+    """Indices for rank ``rank``: ``num_samples`` draws in all from draw ``start`` (keeping one epoch's permutation)."""
 
     def __init__(
-        self,
-        num_items: int,
-        num_samples: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        start: int = 0,
+        self, num_items: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1, shuffle=True, start: int = 0
     ):
         if num_items < 1:
             raise ValueError(f"ResumableSampler needs at least one item (got num_items={num_items})")
@@ -80,10 +69,9 @@ def rank_world(trainer: Any) -> tuple[int, int]:
 
 
 class ShardedLoaders:
-    """Train and validation loaders of a DataModule's ``train_set``/``val_set``, sharded over DDP ranks and
-    resumable mid-run: training draws come from ``ResumableSampler``; rank r validates rows r, r + W, ...
-    (equal counts per rank, at most W - 1 left out), so the Trainer runs with ``use_distributed_sampler=False``.
-    ``state_dict`` keeps the training rows this rank consumed."""
+    """Train and validation loaders of a DataModule's ``train_set``/``val_set``, sharded over DDP ranks and resumable
+    mid-run: training draws come from ``ResumableSampler``; rank r validates rows r, r + W, ... (equal counts per rank, at
+    most W - 1 left out), so the Trainer runs with ``use_distributed_sampler=False``."""
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

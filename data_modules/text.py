@@ -23,21 +23,12 @@ from data_modules.corpus import TXT_CHUNK_BYTES, is_local_source
 from data_modules.fingerprint import files_signature
 from data_modules.hub import HubUnreachableError, hf_cached, hub_reachable
 from data_modules.sampling import ShardedLoaders, rank_world
-from data_modules.token_cache import (
-    WRAPS,
-    Build,
-    TokenCacheModule,
-    TokenWindows,
-    TokenWriter,
-    blocks_of,
-    say,
-    source_slug,
-    token_dtype,
-)
+from data_modules.token_cache import Build, TokenCacheModule, TokenWindows, TokenWriter, blocks_of, say, source_slug, token_dtype
 from data_modules.tokenizers import CharTokenizer, TextTokenizer, load_tokenizer, tokenizer_from_state
 from glauber.schema import option
 
 FORMAT_VERSION = 2  # 2: files recorded with their sha256, the cache key holds the corpus digest
+WRAPS = ("bos_eos", "none")
 
 
 @dataclass
@@ -60,11 +51,8 @@ class TextDataConfig:
 
 
 def split_spec(cfg: TextDataConfig, local: bool) -> dict[str, Any]:
-    if cfg.val_source is not None:
-        return {"val_source": cfg.val_source, "text_field": cfg.text_field}
-    if local:
-        return {"val_fraction": cfg.val_fraction, "text_field": cfg.text_field}
-    return {"val_documents": cfg.val_documents, "text_field": cfg.text_field}
+    key = "val_source" if cfg.val_source is not None else "val_fraction" if local else "val_documents"
+    return {key: getattr(cfg, key), "text_field": cfg.text_field}
 
 
 def check_meta(cache: Path, meta: dict[str, Any], cfg: TextDataConfig, tokenizer: TextTokenizer | None) -> None:
@@ -90,22 +78,18 @@ def check_meta(cache: Path, meta: dict[str, Any], cfg: TextDataConfig, tokenizer
 
 
 def build_cache(
-    cfg: TextDataConfig,
-    build: Build,
-    tokenizer: TextTokenizer | None,
-    files: list[Path] | None,
-    chunk_bytes: int = TXT_CHUNK_BYTES,
+    cfg: TextDataConfig, build: Build, tok: TextTokenizer | None, files: list[Path] | None, chunk_bytes: int = TXT_CHUNK_BYTES
 ) -> dict[str, Any]:
-    """Tokenise the corpus into ``build``; ``tokenizer`` None (``char``): the vocabulary comes from the corpus."""
+    """Tokenise the corpus into ``build``; ``tok`` None (``char``): the vocabulary comes from the corpus."""
     from tqdm.auto import tqdm
 
     cache, work = build.cache, build.work
     train, val, split = corpus.documents(cfg, cache, files, work, chunk_bytes)
     where = corpus.names_of(files) if files else cfg.source
-    if tokenizer is None:
-        tokenizer = corpus.char_vocabulary(train, val, where)
-    dtype = token_dtype(tokenizer.vocab_size)
-    total, stream = None, train.token_blocks(tokenizer)
+    if tok is None:
+        tok = corpus.char_vocabulary(train, val, where)
+    dtype = token_dtype(tok.vocab_size)
+    total, stream = None, train.token_blocks(tok)
     if val is None:  # cut the stream by val_fraction: its length must be known first
         raw, total = work / "train.all", 0
         with open(raw, "wb") as f:
@@ -113,14 +97,14 @@ def build_cache(
                 f.write(np.ascontiguousarray(ids, dtype=dtype).tobytes())
                 total += len(ids)
         stream = blocks_of(raw, dtype, total)
-    writer = TokenWriter(build, tokenizer.vocab_size, total - int(round(total * cfg.val_fraction)) if total is not None else None)
+    writer = TokenWriter(build, tok.vocab_size, total - int(round(total * cfg.val_fraction)) if total is not None else None)
     say(f"writing the tokens of {cfg.source!r} to {cache}")
     with tqdm(total=total, unit="tok", unit_scale=True, desc="train tokens", mininterval=1.0) as bar:
         for ids in stream:
             writer.write("train", ids)
             bar.update(len(ids))
     if val is not None:
-        for ids in val.token_blocks(tokenizer):
+        for ids in val.token_blocks(tok):
             writer.write("val", ids)
     writer.close()
     if writer.counts["train"] + writer.counts["val"] == 0 or (val is not None and writer.counts["train"] == 0):
@@ -130,32 +114,26 @@ def build_cache(
             "point data.source at non-empty text (and data.text_field at its text column)"
         )
     vfiles = corpus.val_files(cfg)
-    meta = build.commit(
-        {
-            "format": FORMAT_VERSION,
-            "source": cfg.source,
-            "val_source": cfg.val_source,
-            "split": split_spec(cfg, files is not None),
-            "split_rule": split,
-            "files": files_signature(files) if files is not None else None,
-            "val_files": files_signature(vfiles) if vfiles is not None else None,
-            "tokenizer": {
-                "spec": cfg.tokenizer,
-                "name": tokenizer.name,
-                "fingerprint": tokenizer.fingerprint(),
-                "state": tokenizer.state(),
-            },
-            "vocab_size": tokenizer.vocab_size,
-            "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id,
-            "eos_after_documents": tokenizer.eos_id is not None,
-            "dtype": dtype.name,
-            "tokens": dict(writer.counts),
-            "documents": {"train": len(train), "val": len(val) if val is not None else None},
-            "max_id": writer.max_id,
-            "unigram": "unigram.npy",
-        }
-    )
+    meta = {
+        "format": FORMAT_VERSION,
+        "source": cfg.source,
+        "val_source": cfg.val_source,
+        "split": split_spec(cfg, files is not None),
+        "split_rule": split,
+        "files": files_signature(files) if files is not None else None,
+        "val_files": files_signature(vfiles) if vfiles is not None else None,
+        "tokenizer": {"spec": cfg.tokenizer, "name": tok.name, "fingerprint": tok.fingerprint(), "state": tok.state()},
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "eos_after_documents": tok.eos_id is not None,
+        "dtype": dtype.name,
+        "tokens": dict(writer.counts),
+        "documents": {"train": len(train), "val": len(val) if val is not None else None},
+        "max_id": writer.max_id,
+        "unigram": "unigram.npy",
+    }
+    build.commit(meta)
     say(f"token cache ready: {cache} (train {writer.counts['train']:,}, val {writer.counts['val']:,} tokens)")
     return meta
 
@@ -191,9 +169,8 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
     def find_cache_path(self) -> Path:
         """``<cache_dir>/<slug>-<tokenizer fingerprint[:12] | char>[-<corpus digest[:12]>]``: edited files, a new one."""
         tok = self._spec_tokenizer()
-        key = "char" if tok is None else tok.fingerprint()[:12]
         root = Path(self.cfg.cache_dir).expanduser()
-        base = f"{source_slug(self.cfg.source, self.cfg.val_source)}-{key}"
+        base = f"{source_slug(self.cfg.source, self.cfg.val_source)}-{'char' if tok is None else tok.fingerprint()[:12]}"
         if not is_local_source(self.cfg.source):
             return root / base
         return self.keyed_cache(
@@ -216,8 +193,8 @@ class TextDataModule(TokenCacheModule, ShardedLoaders, L.LightningDataModule):
         return build_cache(self.cfg, build, self._spec_tokenizer(), files, self.txt_chunk_bytes)
 
     def check_available(self) -> None:
-        """Fail within seconds, before any training machinery starts, when there is neither a complete token
-        cache, nor the local files, nor a reachable (or HF-cached) hub dataset."""
+        """Fail within seconds, before training starts, without a complete token cache, the local files, or a reachable
+        (or HF-cached) hub dataset."""
         if self.complete(self.cache_path):
             return
         if is_local_source(self.cfg.source):

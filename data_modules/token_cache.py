@@ -5,11 +5,14 @@ and read through memmaps by every process and DataLoader worker::
     unigram.npy          int64 [V] token counts over train.bin
     meta.json            what was tokenised and how (written last: a cache without it is incomplete)
 
-A build holds ``cachelock.build_lock`` and renames its own temporaries into place, meta.json last.
+A build holds ``build_lock`` and renames its own temporaries into place, meta.json last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -24,13 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_modules.cachelock import build_lock
 from data_modules.fingerprint import newest_cache
 from data_modules.hub import HubUnreachableError
 from data_modules.sampling import ResumableSampler, rank_world
 
 SPLITS = ("train", "val")
-WRAPS = ("bos_eos", "none")
 
 
 def say(msg: str) -> None:
@@ -61,6 +62,30 @@ def read_meta(cache: Path) -> dict[str, Any] | None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+@contextlib.contextmanager
+def build_lock(cache: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``<cache>.lock`` (kept: deleting it is racy), waiting for another builder first, so
+    racing processes end with one build; yields False, building unlocked, where ``flock`` is unsupported (some Lustre)."""
+    path = cache.parent / f"{cache.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        locked = True
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process building {cache}")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            locked = False
+            say(
+                f"warning: cannot lock {path} ({e.strerror}); building {cache} unlocked: "
+                "do not build the same cache from two processes at once"
+            )
+        yield locked
 
 
 class Build:
@@ -103,8 +128,7 @@ class Build:
 
 
 class TokenWriter:
-    """Appends token ids to ``train.bin`` until ``cut`` tokens (then to ``val.bin``), counting train unigrams
-    and the largest id."""
+    """Appends token ids to ``train.bin`` until ``cut`` tokens, then to ``val.bin``; counts train unigrams and the top id."""
 
     def __init__(self, build: Build, vocab_size: int, cut: int | None = None):
         self.build, self.dtype, self.cut = build, token_dtype(vocab_size), cut
@@ -137,8 +161,7 @@ class TokenWriter:
 
 
 class TokenWindows(Dataset):
-    """Fixed-length LongTensor sequences cut from a flat token file; with ``wrap=bos_eos`` each is
-    ``[BOS] + seq_len - 2 ids + [EOS]`` (rows of an image cache are windows with ``wrap=none``)."""
+    """Fixed-length LongTensor sequences cut from a flat token file; ``wrap=bos_eos``: ``[BOS] + seq_len - 2 ids + [EOS]``."""
 
     def __init__(self, path: Path, dtype: str, num_tokens: int, seq_len: int, wrap="none", bos_id=None, eos_id=None):
         if wrap == "bos_eos" and (bos_id is None or eos_id is None):
@@ -178,14 +201,11 @@ def blocks_of(path: Path, dtype: np.dtype, n: int, block: int = 1 << 22) -> Iter
 
 
 class TokenCacheModule:
-    """The token-cache half of a DataModule: builds the cache when missing or stale (``prepare_data``, by
-    global rank 0 under the build lock) and reads its checked metadata (``_load_meta``).
-
-    The DataModule sets ``cache_format`` and provides ``find_cache_path()``, ``cache_content()`` (what the
-    cache is built from; FileNotFoundError or HubUnreachableError when gone), ``cache_expect(meta, content)``
-    (the meta.json values the config needs; ``content`` None when not looked at) and
-    ``build_cache_into(build, content)`` (returns the committed meta).
-    """
+    """The token-cache half of a DataModule: builds the cache when missing or stale (``prepare_data``, by global rank 0
+    under the build lock) and reads its checked metadata (``_load_meta``). The DataModule sets ``cache_format`` and provides
+    ``find_cache_path()``, ``cache_content()`` (the source; FileNotFoundError or HubUnreachableError when gone),
+    ``cache_expect(meta, content)`` (the meta.json values the config needs; ``content`` None when not looked at) and
+    ``build_cache_into(build, content)`` (returns the committed meta)."""
 
     cache_format: int
 

@@ -1,8 +1,6 @@
-"""Text tokenizers behind one small interface: GPT-2 byte-level BPE and a character vocabulary.
-
-``fingerprint()`` hashes exactly what maps text to ids (it keys the token caches); ``state()`` is JSON that
-``tokenizer_from_state`` turns back into the same tokenizer, so caches and checkpoints need no corpus.
-"""
+"""Text tokenizers behind one small interface: GPT-2 byte-level BPE and a character vocabulary. ``fingerprint()``
+hashes exactly what maps text to ids (it keys the token caches); ``state()`` is JSON that ``tokenizer_from_state``
+turns back into the same tokenizer, so caches and checkpoints need no corpus."""
 
 from __future__ import annotations
 
@@ -56,11 +54,9 @@ class TextTokenizer(ABC):
 
 
 class GPT2Tokenizer(TextTokenizer):
-    """GPT-2 byte-level BPE (V = 50257); ``<|endoftext|>`` (50256) serves as both BOS and EOS.
-
-    ``source``: ``"bundled"`` (shipped with glauber), ``"hub"`` (the hub's ``gpt2`` or its local HF cache)
-    or a path to any ``tokenizer.json``; ``text``: that file's content, when it is not at hand.
-    """
+    """GPT-2 byte-level BPE (V = 50257); ``<|endoftext|>`` (50256) serves as both BOS and EOS. ``source``: ``"bundled"``
+    (shipped with glauber), ``"hub"`` (the hub's ``gpt2`` or its local HF cache) or a path to any ``tokenizer.json``;
+    ``text``: that file's content, when it is not at hand."""
 
     def __init__(self, source: str = "bundled", timeout_s: float = 3.0, text: str | None = None):
         from tokenizers import Tokenizer

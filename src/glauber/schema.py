@@ -1,5 +1,4 @@
-"""Typed config fields: choices as Enums (a bad value fails when the config loads, naming the key and the
-choices) and fields that carry their help text (``glauber config-help`` prints it)."""
+"""Typed config fields: choices as Enums (a bad value fails at load, naming key and choices) and fields with help text."""
 
 from __future__ import annotations
 
@@ -10,10 +9,8 @@ from typing import Any
 
 
 class Choice(str, Enum):
-    """The allowed values of a config option. An Enum-typed field of a structured config refuses any other
-    value when the config loads, naming the key and the choices. Members are named by their values and
-    compare, hash, print and serialise as those strings, so ``cfg.process.loss == "weighted"`` holds and
-    a config saved as YAML (or an old checkpoint's plain strings) reads back the same."""
+    """The allowed values of a config option. Members compare, hash, print and serialise as their string values, so
+    ``cfg.process.loss == "weighted"`` holds and a config saved as YAML (or an old checkpoint's strings) reads back the same."""
 
     def __str__(self) -> str:
         return str(self.value)
@@ -25,8 +22,8 @@ class Choice(str, Enum):
 
 
 def choice(name: str, values: Iterable[str], module: str) -> type[Choice]:
-    """A ``Choice`` Enum of ``values`` (each member named by its value, which need not be an identifier:
-    ``clean-fid``); ``module`` is where it is defined, so pickled members find their class."""
+    """A ``Choice`` Enum of ``values`` (members named by their values, e.g. ``clean-fid``); ``module`` is where it is
+    defined, so pickled members find their class."""
     return Choice(name, [(v, v) for v in values], module=module)  # type: ignore[return-value]
 
 

@@ -14,21 +14,12 @@ def add_draw_options(p: argparse.ArgumentParser) -> None:
     add_positions_per_step(
         p, "GGM: positions redrawn per network call (default: the config's); network calls = (K + corrector sweeps) * L / m"
     )
-    p.add_argument(
-        "--sweeps",
-        type=int_at_least(1),
-        default=None,
-        help="GGM: sweeps K of the sampling schedule (default: the trained K); network calls = K * L / m. Another K "
-        "needs a network trained with model.condition_on_alpha=true (it reads each position's signal level)",
+    sweeps_help = "GGM: sweeps K (default: the trained K; another needs model.condition_on_alpha=true); network calls = K * L / m"
+    p.add_argument("--sweeps", type=int_at_least(1), default=None, help=sweeps_help)
+    corrector_help = (
+        "GGM: sweeps re-noising and redrawing free positions after the last step (default 0), L / m more network calls each"
     )
-    p.add_argument(
-        "--corrector-sweeps",
-        type=int_at_least(0),
-        default=0,
-        help="GGM: refinement sweeps after the last step (default 0), L / m more network calls each: every free "
-        "position is re-noised as in the first forward sweep and redrawn by the last L / m reverse steps "
-        "(leaves the learned data law invariant for m = 1)",
-    )
+    p.add_argument("--corrector-sweeps", type=int_at_least(0), default=0, help=corrector_help)
     p.add_argument("--steps", type=int_at_least(1), default=None, help="MDLM: denoising steps (default: mdlm.steps or L)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of each draw, > 0 (default 1)")
     p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
@@ -38,12 +29,9 @@ def add_draw_options(p: argparse.ArgumentParser) -> None:
 
 def draw_options(args: argparse.Namespace) -> dict:
     """The ``module.sample`` keywords of ``add_draw_options``' options (the unset ones left to the config)."""
-    given = {"positions_per_step": args.positions_per_step, "steps": args.steps, "sweeps": args.sweeps}
-    return {k: v for k, v in given.items() if v is not None} | {
-        "corrector_sweeps": args.corrector_sweeps,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-    }
+    given = {k: getattr(args, k) for k in ("positions_per_step", "steps", "sweeps")}
+    always = {k: getattr(args, k) for k in ("corrector_sweeps", "temperature", "top_p")}
+    return {k: v for k, v in given.items() if v is not None} | always
 
 
 def device_of(args: argparse.Namespace) -> str:
@@ -58,8 +46,7 @@ class _Renamed(argparse.Action):
 
 
 def add_positions_per_step(p: argparse.ArgumentParser, help: str) -> None:
-    """``--positions-per-step`` (``m``, the positions redrawn per GGM network call; the config key
-    ``sample.positions_per_step``); the old ``--m`` is refused naming it."""
+    """``--positions-per-step`` (``m``, positions redrawn per GGM network call); the old ``--m`` is refused naming it."""
     p.add_argument("--positions-per-step", type=int_at_least(1), default=None, metavar="M", help=help)
     p.add_argument("--m", action=_Renamed, help="--positions-per-step", dest="_renamed_m", default=argparse.SUPPRESS)
 
@@ -99,8 +86,7 @@ probability_mass = number_in(0.0, 1.0, "a number in (0, 1], 1 = off")  # --top-p
 
 
 def check_positions_per_step(m: int | None, module: object, option: str = "--positions-per-step") -> None:
-    """``m`` (positions redrawn per GGM network call) must divide the checkpoint's length ``L``; other
-    methods ignore it. Checked right after the checkpoint is loaded, before any sampling."""
+    """``m`` (positions redrawn per GGM network call) must divide the checkpoint's length ``L``; other methods ignore it."""
     if m is None or getattr(getattr(module, "cfg", None), "method", None) not in ("ggm",):
         return
     L = module.cfg.data.seq_len  # type: ignore[attr-defined]

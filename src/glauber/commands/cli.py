@@ -8,19 +8,7 @@ import sys
 
 import torch
 
-from glauber.commands import (
-    bench,
-    compare,
-    config_help,
-    demo,
-    eval_fid,
-    eval_ppl,
-    image_demo,
-    sample,
-    slurm,
-    train,
-    train_vq,
-)
+from glauber.commands import bench, compare, config_help, demo, eval_fid, eval_ppl, image_demo, sample, slurm, train, train_vq
 
 EPILOG = """examples:
   glauber train experiments/shakespeare.yaml train.max_steps=500 train.run_dir=runs/try
@@ -34,20 +22,9 @@ EPILOG = """examples:
 """
 
 
-# One module per command, in the order ``glauber --help`` lists them: each has ``add_parser(sub)`` and ``run(args)``.
-COMMANDS = {
-    "train": train,
-    "sample": sample,
-    "demo": demo,
-    "config-help": config_help,
-    "bench": bench,
-    "eval-ppl": eval_ppl,
-    "compare": compare,
-    "train-vq": train_vq,
-    "eval-fid": eval_fid,
-    "image-demo": image_demo,
-    "slurm": slurm,
-}
+# command -> its module (with ``add_parser(sub)`` and ``run(args)``), in the order ``glauber --help`` lists them
+MODULES = (train, sample, demo, config_help, bench, eval_ppl, compare, train_vq, eval_fid, image_demo, slurm)
+COMMANDS = {m.__name__.rsplit(".", 1)[1].replace("_", "-"): m for m in MODULES}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,16 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``glauber`` command; returns the exit status (0 ok, 2 a user mistake).
-
-    A user mistake gives one line on stderr, ``glauber COMMAND: error: MESSAGE``, and status 2, never a
-    traceback: bad options (argparse's usage message; its ``SystemExit`` is turned into the return
-    value), and the exceptions a bad input or environment raises: ``ValueError`` (the project's own
-    refusals name the option or key and the fix), ``OSError`` with its subclasses (``FileNotFoundError``,
-    ``PermissionError``, ``IsADirectoryError``, a full disk ``ENOSPC`` ...). Any other exception is taken
-    for a bug and propagates with its traceback. ``GLAUBER_DEBUG=1`` in the environment lets the user
-    mistakes propagate too (their full traceback, for debugging). ``SystemExit`` from a command (a
-    training stopped by a signal: 128 + its number) passes through unchanged."""
+    """Run one ``glauber`` command; returns the exit status. A user mistake (bad options, ``ValueError``, ``OSError``) is
+    one line on stderr and status 2 (``GLAUBER_DEBUG=1``: its traceback); other exceptions (bugs) and ``SystemExit`` pass."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

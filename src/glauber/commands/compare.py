@@ -1,15 +1,6 @@
-"""``glauber compare``: GGM against its baselines on one corpus and backbone, at one or more training budgets.
-
-Each method is trained with the same config (model, data, batch, steps; only ``method`` and its own
-section differ) up to the largest budget, keeping a checkpoint at every budget, then sampled at several
-numbers of network calls (NFE) at each budget. Every sample set is scored by one judge (by default the
-comparison's own autoregressive model at the largest budget) for generative perplexity, the judge's NLL
-per byte (which, unlike gen-PPL per judge token, does not reward text that splits into many short
-tokens), its unigram entropy and the wall-clock sampling time. The AR model's samples and held-out real
-text are the references. Writes ``results.json``, ``results.md``, ``compare.png`` (quality against
-network calls at the largest budget), ``budgets.png`` (quality against training steps) and
-``val_nll.png`` (the GGM variants' validation NLL curves) to the output folder.
-"""
+"""``glauber compare``: GGM against its baselines, each trained on the same config up to the largest budget and sampled
+at several numbers of network calls (NFE) per budget; one judge scores every sample set (gen-PPL, NLL per byte, which
+does not reward text split into many short tokens, entropy, time) in ``results.json``/``.md`` and plots."""
 
 from __future__ import annotations
 
@@ -88,27 +79,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="train GGM and its baselines with one budget and compare their samples",
-        description="Train each method (ggm: the paper's loss; ggm_weighted: the weighted loss on a normalised classifier; "
-        "ggm_ce: the cross-entropy ablation; mdlm; ar) on the same config, evaluate each at every training budget and "
-        "several numbers of network calls, and score the samples with one judge: generative perplexity (micro and "
-        "per-sequence), NLL per byte, unigram entropy and sampling time, against AR samples and held-out real text. "
-        "Re-running resumes finished or interrupted trainings from their run directories.",
+        description="Train each method (ggm: the paper's loss; ggm_weighted: weighted loss, normalised classifier; ggm_ce: "
+        "the cross-entropy ablation; mdlm; ar) on one config, sample each at every training budget and several numbers of "
+        "network calls, and score all samples with one judge (gen-PPL micro and per sequence, NLL per byte, unigram entropy, "
+        "sampling time) beside AR samples and held-out real text. Re-running resumes the trainings from their run directories.",
     )
     p.add_argument("--config", default="experiments/compare_shakespeare.yaml", help="shared experiment YAML")
     p.add_argument("--out", default="runs/compare", help="output folder (one run directory per method inside)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated subset of {DEFAULT_METHODS}")
-    p.add_argument(
-        "--budgets",
-        default=None,
-        help="training steps to evaluate every method at, e.g. 300,1000,3000: each method trains once to the largest "
-        "and keeps a checkpoint at each (default: the config's train.max_steps only)",
-    )
+    budgets_help = "training steps to evaluate at, e.g. 300,1000,3000 (each trains once, to the largest; default: max_steps)"
+    p.add_argument("--budgets", default=None, help=budgets_help)
     p.add_argument("--nfe", default="8,16,32,64,128", help="network-call budgets to sample diffusion models at")
-    p.add_argument(
-        "--corrector-sweeps",
-        default="1",
-        help="GGM only: also sample at the largest NFE with this many corrector sweeps (comma-separated; 0 or '' = none)",
-    )
+    corrector_help = "GGM: corrector sweeps to also sample with at the largest NFE (comma-separated; 0 or '' = none)"
+    p.add_argument("--corrector-sweeps", default="1", help=corrector_help)
     p.add_argument("--num-samples", type=int, default=64, help="samples per (method, NFE) (default 64)")
     p.add_argument("--batch-size", type=int, default=64, help="samples drawn at once (default 64)")
     p.add_argument("--judge", default=None, help="judge LM (HF name/dir or a .ckpt); default: the comparison's AR model")
@@ -131,8 +114,8 @@ def parse_budgets(text: str | None) -> list[int] | None:
 
 
 def method_config(config: str, name: str, out: Path, overrides: list[str], budgets: list[int] | None = None) -> DictConfig:
-    """One method's config: the shared one, the overrides, the method's own keys and, with budgets, training
-    to the largest budget with a checkpoint at each (every gcd of the budgets)."""
+    """One method's config: the shared one, the overrides, the method's own keys and, with budgets, training to the
+    largest with a checkpoint at each (every gcd of the budgets)."""
     if name not in METHOD_OVERRIDES:
         raise ValueError(f"--methods: unknown method {name!r} (choose from {', '.join(METHOD_OVERRIDES)})")
     extra = [f"train.max_steps={budgets[-1]}", f"train.ckpt_every_steps={math.gcd(*budgets)}"] if budgets else []
@@ -165,19 +148,14 @@ def train_method(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def sample_settings(module: Any, nfes: list[int], correctors: list[int]) -> list[tuple[int, str, dict[str, Any]]]:
-    """``(nfe, label, sample options)`` per NFE budget the method can honour; for GGM also the largest NFE
-    followed by each number of corrector sweeps."""
+    """``(nfe, label, sample options)`` per NFE budget the method can honour; for GGM also the largest NFE with correctors."""
     cfg, L = module.cfg, module.cfg.data.seq_len
     if cfg.method == "ar":
         return [(L, "one call per token", {})]
     if cfg.method == "mdlm":
         return [(n, f"steps={n}", {"steps": n}) for n in nfes]
-    out = []
-    for n in nfes:  # GGM: NFE = sweeps * L / m
-        total = cfg.schedule.sweeps * L
-        if total % n == 0 and L % (total // n) == 0:
-            m = total // n
-            out.append((n, f"m={m}", {"positions_per_step": m}))
+    total = cfg.schedule.sweeps * L  # GGM: NFE = sweeps * L / m
+    out = [(n, f"m={total // n}", {"positions_per_step": total // n}) for n in nfes if total % n == 0 and L % (total // n) == 0]
     if out:
         n, label, options = out[-1]
         out += [(n, f"{label} +{c} corrector", {**options, "corrector_sweeps": c}) for c in correctors if c > 0]
@@ -197,7 +175,7 @@ def real_text(cfg: DictConfig, num: int) -> tuple[list[str], torch.Tensor]:
     return [dm.decode(row.tolist()) for row in ids], ids
 
 
-def run_compare(args: argparse.Namespace) -> list[Row]:
+def run(args: argparse.Namespace) -> list[Row]:
     out = Path(args.out)
     device = device_of(args)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -207,11 +185,9 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
     cfgs = {n: method_config(args.config, n, out, args.overrides, budgets_arg) for n in names}  # all validated first
     first = next(iter(cfgs.values()))
     budgets = budgets_arg or [first.train.max_steps]
-    judge_name = args.judge
-    if judge_name is None:
-        if "ar" not in cfgs:
-            raise ValueError("no --judge given and 'ar' is not among --methods: add ar or pass --judge")
-        judge_name = str(out / "ar" / "checkpoints" / "last.ckpt")
+    if args.judge is None and "ar" not in cfgs:
+        raise ValueError("no --judge given and 'ar' is not among --methods: add ar or pass --judge")
+    judge_name = str(out / "ar" / "checkpoints" / "last.ckpt") if args.judge is None else args.judge
     train_s = {n: train_method(cfg, out / n) for n, cfg in cfgs.items()}
     judge = load_judge(judge_name, device)
 
@@ -234,8 +210,7 @@ def run_compare(args: argparse.Namespace) -> list[Row]:
                 seconds = time.perf_counter() - start
                 nfe = module.network_calls(**options)  # MDLM's cache calls the network less than its steps
                 texts = [tok.decode(r.tolist()) for r in ids]
-                res = evaluate_texts(texts, judge, sample_ids=ids)
-                rows.append(row_of(name, budget, nfe, nominal, label, res, seconds))
+                rows.append(row_of(name, budget, nfe, nominal, label, evaluate_texts(texts, judge, sample_ids=ids), seconds))
                 slug = label.replace("=", "").replace(" ", "_").replace("+", "")
                 (samples_dir / f"{name}_{budget}_{slug}.txt").write_text(format_samples(texts))
                 r = rows[-1]
@@ -279,7 +254,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def results_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     """A summary (each method at NFE = L per budget) and one full table per budget."""
-    sup = meta["supervised_tokens_per_sequence"]
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Judge: `{meta['judge']}`; budgets {', '.join(map(str, meta['budgets']))} training steps of batch "
@@ -287,7 +261,7 @@ def results_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"device {meta['device']} ({meta['torch_threads']} threads).",
         "",
         "Supervised tokens per training sequence (in expectation): "
-        + ", ".join(f"{LABELS.get(n, n)} {v:.1f}" for n, v in sup.items())
+        + ", ".join(f"{LABELS.get(n, n)} {v:.1f}" for n, v in meta["supervised_tokens_per_sequence"].items())
         + ".",
         "",
     ]
@@ -322,12 +296,8 @@ def results_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
                 f"{r.nll_per_byte:.3f} | {r.entropy:.3f} | {r.sample_s:.1f} |"
             )
         lines.append("")
-    lines += [
+    lines.append(
         "Training seconds (to the largest budget; not comparable when other jobs shared the machine): "
-        + ", ".join(f"{LABELS.get(n, n)} {s:.0f}" for n, s in meta["train_seconds"].items()),
-    ]
+        + ", ".join(f"{LABELS.get(n, n)} {s:.0f}" for n, s in meta["train_seconds"].items())
+    )
     return "\n".join(lines) + "\n"
-
-
-def run(args: argparse.Namespace) -> None:
-    run_compare(args)

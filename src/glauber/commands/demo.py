@@ -1,5 +1,4 @@
-"""``glauber demo`` / ``make demo``: train on bundled tiny Shakespeare on the CPU and write a report
-(samples, infilling, loss curves) to ``runs/demo``."""
+"""``glauber demo`` / ``make demo``: train on bundled tiny Shakespeare on the CPU and write a report to ``runs/demo``."""
 
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "shakespe
 
 
 def shown_path(path: Path) -> Path:
-    """``path`` relative to the repository (or the working folder) when it lies inside, so reports name no
-    machine's absolute paths."""
+    """``path`` relative to the repository (or the working folder) when inside, so reports name no absolute paths."""
     for base in (DEFAULT_CONFIG.parents[1], Path.cwd()):
         try:
             return path.resolve().relative_to(base.resolve())
@@ -30,25 +28,20 @@ def shown_path(path: Path) -> Path:
     return path
 
 
-def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
-    cfg_path = Path(config) if config else DEFAULT_CONFIG
+def run(args: argparse.Namespace) -> Path:
+    check_output_dir(args.out, "--out")
+    cfg_path = Path(args.config) if args.config else DEFAULT_CONFIG
     if not cfg_path.is_file():
         cfg_path = Path("experiments/shakespeare.yaml")
-    cfg = load_config(cfg_path, [f"train.run_dir={out}", *overrides])
+    cfg = load_config(cfg_path, [f"train.run_dir={args.out}", *args.overrides])
     t0 = time.time()
     run_dir = train(cfg)
     train_s = time.time() - t0
     module = load_checkpoint(run_dir / "checkpoints" / "last.ckpt", "cpu")
     tok = checkpoint_tokenizer(module)
     L = cfg.data.seq_len
-    m = cfg.sample.positions_per_step
+    opts = {k: cfg.sample[k] for k in ("positions_per_step", "corrector_sweeps", "temperature", "top_p")}
     t1 = time.time()
-    opts = {
-        "positions_per_step": m,
-        "corrector_sweeps": cfg.sample.corrector_sweeps,
-        "temperature": cfg.sample.temperature,
-        "top_p": cfg.sample.top_p,
-    }
     uncond = generate(module, 4, 4, seed=1, **opts)
     sample_s = time.time() - t1
 
@@ -66,10 +59,10 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
     samples = [tok.decode(r.tolist()) for r in uncond]
     (run_dir / "samples.txt").write_text(format_samples(samples))
     metrics = read_metrics(run_dir / "logs" / "metrics.csv")
-    last = lambda k: metrics[k][-1] if metrics.get(k) else (None, float("nan"))  # noqa: E731
+    last = lambda k: metrics[k][-1] if metrics.get(k) else (None, float("nan"))
     step, train_loss = last("train/loss")
     _, val_loss = last("val/loss")
-    fence = "```"
+    block = lambda title, text: [title, "", "```", text, "```", ""]
     lines = [
         "# glauber demo: GGM on tiny Shakespeare (character level, CPU)",
         "",
@@ -78,10 +71,9 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
         f"V = {module.vocab_size}, K = {cfg.schedule.sweeps} sweeps",
         f"- trained {step} optimizer steps, batch {cfg.train.global_batch_size}, in {train_s / 60:.1f} min on "
         f"{torch.get_num_threads()} CPU threads; final train loss {train_loss:.4f}, validation loss (EMA) {val_loss:.4f}",
-        f"- sampling: m = {m} positions per network call, {module.network_calls(**opts):.0f} network calls per sample "
-        f"({cfg.sample.corrector_sweeps} corrector sweeps), "
-        f"temperature {cfg.sample.temperature}, top-p {cfg.sample.top_p}; "
-        f"4 samples in {sample_s:.1f} s",
+        f"- sampling: m = {opts['positions_per_step']} positions per network call, {module.network_calls(**opts):.0f} "
+        f"network calls per sample ({cfg.sample.corrector_sweeps} corrector sweeps), temperature {cfg.sample.temperature}, "
+        f"top-p {cfg.sample.top_p}; 4 samples in {sample_s:.1f} s",
         "",
         "![loss](plots/loss.png)",
         "",
@@ -91,23 +83,11 @@ def run_demo(config: str | None, out: str, overrides: list[str]) -> Path:
         "",
     ]
     for i, s in enumerate(samples):
-        lines += [f"Sample {i}:", "", fence, s, fence, ""]
+        lines += block(f"Sample {i}:", s)
     lines += ["## Infilling (the middle third is generated; prefix and suffix are given)", ""]
     for i, (prefix, middle, suffix, filled) in enumerate(infills):
-        lines += [
-            f"Passage {i}, original:",
-            "",
-            fence,
-            prefix + middle + suffix,
-            fence,
-            "",
-            f"Passage {i}, infilled (between the given prefix and suffix):",
-            "",
-            fence,
-            prefix + filled + suffix,
-            fence,
-            "",
-        ]
+        lines += block(f"Passage {i}, original:", prefix + middle + suffix)
+        lines += block(f"Passage {i}, infilled (between the given prefix and suffix):", prefix + filled + suffix)
     lines += ["Config:", "", "```yaml", OmegaConf.to_yaml(cfg).rstrip(), "```", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
@@ -126,8 +106,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="experiment YAML (default: experiments/shakespeare.yaml)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value pairs")
-
-
-def run(args: argparse.Namespace) -> None:
-    check_output_dir(args.out, "--out")
-    run_demo(args.config, args.out, args.overrides)

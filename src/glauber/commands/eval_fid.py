@@ -1,17 +1,15 @@
-"""``glauber eval-fid``: FID of generated images (a folder, or sampled from a checkpoint) against reference
-images or statistics, with clean-fid's protocol."""
+"""``glauber eval-fid``: FID of generated images (a folder, or a checkpoint's samples) against references, clean-fid protocol."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from data_modules.paths import find_path
-from glauber.commands.args import add_positions_per_step, check_positions_per_step, int_at_least
+from glauber.commands.args import add_positions_per_step, check_positions_per_step, device_of, int_at_least
 from glauber.eval.fid import compute_fid, make_reference_stats
 from glauber.eval.images import CheckpointImages, save_grid
 from glauber.eval.inception import MODES, NVIDIA_FILE, ROUTES
@@ -45,9 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", default="clean", choices=MODES, help="clean-fid mode (default clean)")
     p.add_argument("--inception-weights", default=None, metavar="PATH", help=f"a local copy of clean-fid's {NVIDIA_FILE}")
-    p.add_argument(
-        "--image-size", type=int_at_least(1), default=None, help="centre-crop and resize images to this size first (as training)"
-    )
+    p.add_argument("--image-size", type=int_at_least(1), default=None, help="centre-crop and resize images to this size first")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per Inception call (default 64)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading and resizing (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -56,20 +52,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def check_image_folder(ref: Any, option: str) -> None:
-    """Refuse an image folder with fewer than the 2 images FID needs before any network is loaded (other
-    sources are checked where they are read)."""
+    """Refuse an image folder with fewer than the 2 images FID needs, before any network is loaded."""
     path = find_path(str(ref)) if isinstance(ref, (str, Path)) else None
     if path is None or not path.is_dir():
         return
     from cleanfid.utils import EXTENSIONS  # the suffixes clean-fid's get_folder_features reads
 
     suffixes = {f".{e.lower()}" for e in EXTENSIONS}
-    images = []
-    for f in path.rglob("*"):
-        if f.suffix.lower() in suffixes and f.is_file():
-            images.append(f)
-            if len(images) == 2:
-                return
+    images = list(itertools.islice((f for f in path.rglob("*") if f.suffix.lower() in suffixes and f.is_file()), 2))
+    if len(images) == 2:
+        return
     what = "is empty" if not any(path.iterdir()) else f"holds {len(images) or 'no'} image file{'' if len(images) == 1 else 's'}"
     raise ValueError(
         f"{option} {ref}: the folder {what} (FID needs at least 2 images; read: "
@@ -113,8 +105,7 @@ def _emit(report: dict[str, Any], out: str | None) -> Path | None:
 def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
     """FID of ``--num-samples`` images sampled from an image checkpoint (EMA weights, float64 draws); the
     reference defaults to the run's ``image.fid_reference`` or its training images."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_checkpoint(args.checkpoint, device)
+    module = load_checkpoint(args.checkpoint, device_of(args))
     if module.cfg.get("modality", "text") != "image":
         raise ValueError(f"{args.checkpoint} is a text model: eval-fid needs an image checkpoint (or --generated)")
     check_positions_per_step(args.positions_per_step, module)
@@ -122,22 +113,19 @@ def _eval_checkpoint(args: argparse.Namespace, common: dict[str, Any]) -> dict[s
     if not args.reference:  # the run's default, checked before the minutes of sampling
         check_image_folder(reference, "--reference (default: the run's image.fid_reference or data.source)")
     imgs = CheckpointImages(module)
-    given = {"positions_per_step": args.positions_per_step, "steps": args.steps}
-    options = {k: v for k, v in given.items() if v is not None} | {"float64": True}
-    ids = imgs.sample_ids(args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, **options)
-    images = imgs.decode(ids)
+    given = {k: getattr(args, k) for k in ("positions_per_step", "steps") if getattr(args, k) is not None}
+    options = given | {"float64": True}
+    images = imgs.decode(imgs.sample_ids(args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, **options))
     common = {**common, "image_size": common["image_size"] or module.cfg.data.image_size}
     report = compute_fid(images, reference, **common)
     report.update(
-        {
-            "checkpoint": str(args.checkpoint),
-            "method": module.cfg.method,
-            "network_calls": module.network_calls(**options),
-            "num_samples": args.num_samples,
-            "seed": args.seed,
-            "final_draw": "float64",
-            **{k: v for k, v in given.items() if v is not None},
-        }
+        checkpoint=str(args.checkpoint),
+        method=module.cfg.method,
+        network_calls=module.network_calls(**options),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        final_draw="float64",
+        **given,
     )
     out = _emit(report, args.out)
     if out is not None:

@@ -1,5 +1,4 @@
-"""``glauber eval-ppl``: sample from a checkpoint (float64 final draws) and score the samples under a
-judge LM, writing a JSON report that records the whole protocol."""
+"""``glauber eval-ppl``: score a checkpoint's samples (float64 final draws) under a judge LM; the report records the protocol."""
 
 from __future__ import annotations
 
@@ -46,22 +45,17 @@ def run(args: argparse.Namespace) -> dict:
     texts = [tok.decode(row.tolist()) for row in ids]
     report = evaluate_texts(texts, judge, sample_ids=ids)
     report.update(
-        {
-            "checkpoint": str(args.checkpoint),
-            "method": module.cfg.method,
-            "network_calls": module.network_calls(**options),
-            "positions_per_step": args.positions_per_step,
-            "sweeps": args.sweeps,
-            "corrector_sweeps": args.corrector_sweeps,
-            "steps": args.steps,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "seed": args.seed,
-            "final_draw": "float64",
-            "averaging": "gen_ppl = exp(total nll / scored tokens); gen_ppl_per_seq = mean of per-sample exp(mean nll); "
-            "nll_per_byte = total nll / UTF-8 bytes of the text the scored tokens cover, bits_per_byte = nll_per_byte / ln 2, "
-            "ppl_per_byte = exp(nll_per_byte)",
-        }
+        checkpoint=str(args.checkpoint),
+        method=module.cfg.method,
+        network_calls=module.network_calls(**options),
+        **{
+            k: getattr(args, k)
+            for k in ("positions_per_step", "sweeps", "corrector_sweeps", "steps", "temperature", "top_p", "seed")
+        },
+        final_draw="float64",
+        averaging="gen_ppl = exp(total nll / scored tokens); gen_ppl_per_seq = mean of per-sample exp(mean nll); "
+        "nll_per_byte = total nll / UTF-8 bytes of the text the scored tokens cover, bits_per_byte = nll_per_byte / ln 2, "
+        "ppl_per_byte = exp(nll_per_byte)",
     )
     print(json.dumps(report, indent=1))
     print(

@@ -1,7 +1,5 @@
-"""``glauber image-demo``: the image path end to end on the CPU, nothing downloaded: a VQ tokenizer and GGM
-trained on the bundled Twemoji (CC-BY 4.0, see data/README.md), samples, infilling and FID against held-out
-real images beside the floor (real vs real) and ceiling (random tokens). Writes ``report.md``,
-``samples.png``, ``infill.png`` and ``fid.json``."""
+"""``glauber image-demo``: VQ tokenizer and GGM trained on the bundled Twemoji (CC-BY 4.0, data/README.md) on the CPU,
+then samples, infilling and FID against held-out real images beside the floor (real vs real) and ceiling (random tokens)."""
 
 from __future__ import annotations
 
@@ -46,9 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/emoji", help="output folder (default runs/emoji)")
     p.add_argument("--vq-config", default="experiments/vq_emoji.yaml", help="VQ tokenizer config")
     p.add_argument("--config", default="experiments/emoji.yaml", help="GGM config")
-    p.add_argument(
-        "--num-fid", type=int, default=300, help="images per FID set and in the reference (default 300; at most half the data)"
-    )
+    p.add_argument("--num-fid", type=int, default=300, help="images per FID set and reference (default 300; <= half the data)")
     add_positions_per_step(p, "positions redrawn per network call when sampling (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
@@ -60,15 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     times: dict[str, float] = {}
-    vq_dir = out / "vq"
-    vq_ckpt = vq_dir / "vq.ckpt"
+    vq_ckpt = out / "vq" / "vq.ckpt"
     t0 = time.time()
     if not vq_ckpt.is_file():
-        train_vq(load_vq_train_config(_default(args.vq_config), [*args.vq_overrides, f"run_dir={vq_dir}"]))
+        train_vq(load_vq_train_config(_default(args.vq_config), [*args.vq_overrides, f"run_dir={vq_ckpt.parent}"]))
         times["vq_training_s"] = time.time() - t0
 
-    # The token cache lives in the output folder: a fresh demo (or one with a retrained tokenizer) never meets
-    # the tokens of another run's tokenizer.
+    # the token cache is in the output folder: a fresh demo never meets tokens of another run's tokenizer
     cfg = load_config(
         _default(args.config),
         [f"data.tokenizer={vq_ckpt}", f"train.run_dir={out / 'ggm'}", f"data.cache_dir={out / 'cache'}", *args.overrides],
@@ -82,13 +76,9 @@ def run(args: argparse.Namespace) -> Path:
 
     module = load_checkpoint(last, "cpu")
     imgs = CheckpointImages(module)
-    opts = {
-        "positions_per_step": args.positions_per_step or cfg.sample.positions_per_step,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "float64": True,
-    }
-    sched = module.schedule(opts["positions_per_step"])
+    m = args.positions_per_step or cfg.sample.positions_per_step
+    opts = {"positions_per_step": m, "temperature": args.temperature, "top_p": args.top_p, "float64": True}
+    sched = module.schedule(m)
 
     real = load_images(cfg.data.source, cfg.data.image_size)
     perm = np.random.default_rng(1234).permutation(len(real))
@@ -109,12 +99,11 @@ def run(args: argparse.Namespace) -> Path:
     save_grid(np.concatenate([a[:16], show_mask(recon_a[:16], imgs.grid, free), filled]), out / "infill.png", ncol=16)
 
     g = torch.Generator().manual_seed(args.seed)
-    random_ids = torch.randint(module.vocab_size, (n, cfg.data.seq_len), generator=g)
     sets = {
         "real images, half A (the floor)": a[:n],
         "VQ reconstructions of half A": recon_a,
         f"GGM samples ({sched.num_steps} network calls)": samples,
-        "random tokens decoded (the ceiling)": imgs.decode(random_ids),
+        "random tokens decoded (the ceiling)": imgs.decode(torch.randint(module.vocab_size, (n, cfg.data.seq_len), generator=g)),
     }
     rows = {}
     t0 = time.time()
@@ -152,7 +141,6 @@ def tokens(imgs: CheckpointImages, images: np.ndarray) -> torch.Tensor:
 
 
 def write_report(out: Path, cfg, result: dict, module) -> None:
-    vq_log = out / "vq" / "metrics.csv"
     t = result["times_s"]
     vq_time = f"trained in {t['vq_training_s'] / 60:.1f} min" if "vq_training_s" in t else "reused from an earlier run"
     ggm_time = f"in {t['ggm_training_s'] / 60:.1f} min" if "ggm_training_s" in t else "(reused from an earlier run)"
@@ -171,7 +159,7 @@ def write_report(out: Path, cfg, result: dict, module) -> None:
         "",
         f"- command: `{result['command']}`; configs `experiments/vq_emoji.yaml`, `experiments/emoji.yaml`",
         f"- VQ tokenizer: 32x32 -> {cfg.data.seq_len} tokens, codebook {module.vocab_size}; {vq_time}{vq_quality} "
-        f"(log: `{vq_log}`; reconstructions `vq/recon.png`)",
+        f"(log: `{out / 'vq' / 'metrics.csv'}`; reconstructions `vq/recon.png`)",
         f"- GGM: {module.model.num_parameters() / 1e6:.2f}M non-embedding parameters, {cfg.train.max_steps} steps of batch "
         f"{cfg.train.global_batch_size} {ggm_time}; sampling {result['n']} images with "
         f"m = {result['positions_per_step']} ({result['network_calls']} network calls each, temperature "

@@ -1,12 +1,5 @@
-"""``glauber slurm``: render the sbatch template for a training config and submit it.
-
-``glauber slurm --nodes 4 --gpus-per-node 8 --time 48:00:00 --partition gpu experiments/owt.yaml [key=value ...]``
-(options first, or right after the overrides) checks the
-config (and that its global batch divides over nodes x GPUs), fills in ``experiments/slurm/train.sbatch``
-(one srun task per GPU, ``--signal=SIGUSR1@90`` and requeue, a log appended to across requeues in the run
-directory), writes it to ``<run_dir>/job.sbatch`` and submits it with ``sbatch``; ``--dry-run`` prints it
-instead. A requeued job resumes from the newest checkpoint of the same run directory. See docs/SCALING.md.
-"""
+"""``glauber slurm``: check a training config (and its batch over nodes x GPUs), fill in ``experiments/slurm/train.sbatch``,
+write it to ``<run_dir>/job.sbatch`` and submit it with ``sbatch`` (``--dry-run`` prints it); see docs/SCALING.md."""
 
 from __future__ import annotations
 
@@ -28,8 +21,7 @@ _FIELD = re.compile(r"\{\{(\w+)\}\}")
 
 @dataclass
 class SlurmJob:
-    """What a rendered job script holds. ``gpus_per_node`` is the number of tasks (processes) per node;
-    with ``cpu`` they are CPU processes (no ``--gres``; tests and CI)."""
+    """What a rendered job script holds; ``gpus_per_node`` tasks per node, CPU processes with ``cpu`` (tests and CI)."""
 
     config: str
     run_dir: str
@@ -89,30 +81,20 @@ def render(job: SlurmJob, template: str | Path = TEMPLATE) -> str:
 
 def job_from_args(args: argparse.Namespace) -> SlurmJob:
     """Check the config as `glauber train` would (and the batch layout for nodes x GPUs) and build the job."""
-    overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
-    world = args.nodes * args.gpus_per_node
-    batch_layout(cfg.train.global_batch_size, world, cfg.train.micro_batch_size)  # a clear error now, not on the cluster
+    cfg = load_config(args.config, list(args.overrides))
+    # a clear error now, not on the cluster
+    batch_layout(cfg.train.global_batch_size, args.nodes * args.gpus_per_node, cfg.train.micro_batch_size)
     run_dir = Path(args.run_dir or cfg.train.run_dir).expanduser()
-    run_dir = run_dir if run_dir.is_absolute() else Path.cwd() / run_dir
-    config = Path(args.config)
+    as_given = ("nodes", "gpus_per_node", "cpu", "time", "partition", "account", "cpus_per_task", "signal_seconds", "python")
     return SlurmJob(
-        config=str(config if config.is_absolute() else Path.cwd() / config),
-        run_dir=str(run_dir.resolve()),
-        overrides=overrides,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        cpu=args.cpu,
-        time=args.time,
-        partition=args.partition,
-        account=args.account,
-        cpus_per_task=args.cpus_per_task,
+        config=str(Path.cwd() / args.config),  # an absolute path stays as it is
+        run_dir=str((Path.cwd() / run_dir).resolve()),
+        overrides=list(args.overrides),
         job_name=re.sub(r"[^A-Za-z0-9._-]+", "_", args.job_name or cfg.name) or "glauber",
-        signal_seconds=args.signal_seconds,
         environment=list(args.env),
         sbatch_options=list(args.sbatch_option),
-        python=args.python,
         workdir=str(Path.cwd()),
+        **{k: getattr(args, k) for k in as_given},
     )
 
 
@@ -120,10 +102,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "slurm",
         help="render the SLURM job script for a config and submit it (sbatch)",
-        description="Fill in experiments/slurm/train.sbatch for a training config (one srun task per GPU on each "
-        "node, SIGUSR1 90 s before the time limit -> checkpoint and requeue, log appended to in the run directory) "
-        "and submit it with sbatch, or print it with --dry-run. The job always runs with train.resume=auto, so a "
-        "requeued or resubmitted job continues from the newest checkpoint of its run directory.",
+        description="Fill in experiments/slurm/train.sbatch for a training config (one srun task per GPU, SIGUSR1 90 s "
+        "before the time limit -> checkpoint and requeue, a log in the run directory) and submit it with sbatch, or print "
+        "it with --dry-run. A requeued or resubmitted job continues from its run directory's newest checkpoint.",
     )
     p.add_argument("config", help="path to an experiment YAML file")
     p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value pairs")

@@ -24,5 +24,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     check_output_dir(cfg.train.run_dir, "train.run_dir")
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {train(cfg)}")

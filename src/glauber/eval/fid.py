@@ -1,12 +1,6 @@
-"""FID (Fréchet Inception distance) with clean-fid's protocol: images resized to 299 x 299 by clean-fid's
-"clean" resizer, the 2015 TF Inception-v3's 2048 pool features (``glauber.eval.inception``), the Fréchet
-distance of the Gaussians fitted to two feature sets.
-
-References: an image folder or ``.zip`` (cropped/resized like the training data when ``image_size`` is
-given), a ``.npz`` of ``images`` or of statistics (``make_reference_stats``), ``hf:NAME[:split]``, or a
-clean-fid built-in ``name:resolution:split`` such as ``ffhq:256:trainval70k``. With fewer images than
-2048 the covariances are singular and FID is biased upwards: report ``n_generated``/``n_reference``.
-"""
+"""FID with clean-fid's protocol ("clean" resize to 299 x 299, the 2015 TF Inception-v3's 2048 pool features). References:
+an image folder or ``.zip``, a ``.npz`` of images or statistics, ``hf:NAME[:split]`` or a clean-fid ``name:resolution:split``.
+Under 2048 images the covariances are singular and FID is biased upwards: report ``n_generated``/``n_reference``."""
 
 from __future__ import annotations
 
@@ -27,7 +21,6 @@ from glauber.files import atomic_write
 STATS_HOST = ("www.cs.cmu.edu", 443)  # clean-fid's reference statistics
 
 
-# -- statistics ------------------------------------------------------------------------------------
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(mu [D], sigma [D, D])`` in float64: the mean and the unbiased covariance (rows = samples)."""
     f = np.asarray(features, dtype=np.float64)
@@ -37,11 +30,8 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` in float64.
-
-    The trace is that of the square root of the symmetric PSD ``A sigma2 A``, ``A = sigma1^(1/2)`` (same
-    spectrum as ``sigma1 sigma2``): two symmetric eigendecompositions instead of clean-fid's ``sqrtm`` of a
-    non-symmetric product, which takes minutes at D = 2048 and fails on singular products. They agree to ~1e-6."""
+    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` in float64, the root's trace from the symmetric
+    ``A sigma2 A``, ``A = sigma1^(1/2)``: unlike clean-fid's ``sqrtm``, fast at D = 2048 and fine when singular (~1e-6 apart)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
@@ -54,7 +44,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
 
 
-# -- features -------------------------------------------------------------------------------------------
 class _Resized(Dataset):
     """Images resized by clean-fid's resizer for ``mode``, as float ``[3, 299, 299]`` (what its ResizeDataset gives)."""
 
@@ -72,14 +61,12 @@ class _Resized(Dataset):
 
 
 def _is_builtin(ref: str) -> bool:
-    """``name:resolution:split`` (a clean-fid reference statistic), not a path or a hub dataset."""
     parts = ref.split(":")
     return len(parts) == 3 and not ref.startswith("hf:") and all(parts) and find_path(ref) is None
 
 
 def builtin_stats(ref: str, mode: str = "clean") -> tuple[np.ndarray, np.ndarray]:
-    """clean-fid's precomputed ``(mu, sigma)`` for ``name:resolution:split`` (downloaded once into its
-    ``stats`` folder; a clear error offline)."""
+    """clean-fid's precomputed ``(mu, sigma)`` for ``name:resolution:split`` (downloaded once; a clear error offline)."""
     import cleanfid
     from cleanfid.fid import get_reference_statistics
 
@@ -108,13 +95,8 @@ def source_features(
     inception_weights: str | Path | None = None,
     verbose: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """``(features [N, 2048], info)`` of images: a uint8 ``[N, H, W, 3]`` array or tensor, a ``.npz`` of
-    ``images``, an image folder or ``.zip``, or ``hf:NAME[:split]``. ``image_size``: crop and resize
-    them first like ``data_modules.images`` does for training (else their own size; clean-fid reads
-    folders and zips itself)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    """``(features [N, 2048], info)`` of uint8 ``[N, H, W, 3]`` images, a ``.npz``, folder, ``.zip`` or ``hf:NAME[:split]``."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model, info = feature_extractor(route, device, mode, inception_weights)
     desc = "FID features"
     if isinstance(source, (np.ndarray, torch.Tensor)):
@@ -130,17 +112,8 @@ def source_features(
         if image_size is None and path is not None and (path.is_dir() or path.suffix.lower() == ".zip"):
             from cleanfid.fid import get_folder_features
 
-            feats = get_folder_features(
-                str(path),
-                model,
-                num_workers=num_workers,
-                batch_size=batch_size,
-                device=device,
-                mode=mode,
-                description=desc,
-                verbose=verbose,
-            )
-            return feats, info
+            kw = dict(num_workers=num_workers, batch_size=batch_size, device=device, mode=mode, verbose=verbose)
+            return get_folder_features(str(path), model, description=desc, **kw), info
         imgs = open_source(source, image_size)
     if len(imgs) < 2:
         raise ValueError(f"FID needs at least 2 images (got {len(imgs)} from {desc})")
@@ -153,8 +126,7 @@ def source_features(
 
 
 def load_stats(path: str | Path) -> dict[str, Any] | None:
-    """The statistics in a ``.npz`` (``mu``, ``sigma`` and what ``make_reference_stats`` records), or None
-    when the file holds images instead."""
+    """The statistics in a ``.npz`` (what ``make_reference_stats`` writes), or None when it holds images."""
     with np.load(path, allow_pickle=False) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             return None
@@ -169,8 +141,7 @@ _REF_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray, int | None, dict[str, Any]
 
 
 def reference_stats(reference: Any, **options: Any) -> tuple[np.ndarray, np.ndarray, int | None, dict[str, Any]]:
-    """``(mu, sigma, n, info)`` of a reference; ``options``: all of ``source_features``'s, the route resolved.
-    Those of images are remembered per process (keyed by the reference, its mtime and the options that matter)."""
+    """``(mu, sigma, n, info)`` of a reference (``options``: ``source_features``'s); those of images cached per process."""
     if isinstance(reference, (np.ndarray, torch.Tensor)):
         feats, info = source_features(reference, **options)
         return (*feature_stats(feats), len(feats), {**info, "reference": f"array {tuple(reference.shape)}"})
@@ -180,8 +151,7 @@ def reference_stats(reference: Any, **options: Any) -> tuple[np.ndarray, np.ndar
         return mu, sigma, None, {"route": "clean-fid builtin statistics", "mode": mode, "reference": ref}
     path = find_path(ref)
     if path is not None and path.suffix.lower() == ".npz" and path.is_file():
-        stats = load_stats(path)
-        if stats is not None:
+        if (stats := load_stats(path)) is not None:
             if stats.get("mode", mode) != mode:
                 raise ValueError(f"reference statistics {path} were made in FID mode {stats['mode']!r}, not {mode!r}")
             info = {"route": stats.get("route", "unknown"), "mode": mode, "reference": str(path)}
@@ -206,9 +176,7 @@ def compute_fid(
     inception_weights: str | Path | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """FID of ``generated`` (uint8 ``[N, H, W, 3]`` array/tensor, image folder, .zip or .npz of images)
-    against ``reference`` (see the module docstring). ``image_size`` crops/resizes image references
-    (and generated images of another size) like the training data."""
+    """FID of ``generated`` (any ``source_features`` source) against ``reference`` (see the module docstring)."""
     t0 = time.time()
     route = resolve_route(route, inception_weights)
     options = {
@@ -253,8 +221,7 @@ def make_reference_stats(
     inception_weights: str | Path | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Write ``mu``, ``sigma`` (float64), ``n``, ``route``, ``mode``, ``source``, ``image_size`` of the
-    images in ``source`` to the ``.npz`` ``out_path`` (atomically); returns the record without the arrays."""
+    """Write the statistics of ``source`` and how they were made to the ``.npz`` ``out_path``; returns all but the arrays."""
     route = resolve_route(route, inception_weights)
     feats, info = source_features(source, route, mode, image_size, batch_size, device, num_workers, inception_weights, verbose)
     mu, sigma = feature_stats(feats)

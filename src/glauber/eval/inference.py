@@ -19,11 +19,7 @@ def format_samples(texts: list[str]) -> str:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> GenerativeModule:
-    """The LightningModule of a ``glauber train`` checkpoint, in eval mode, EMA weights loaded by default.
-
-    A missing file raises ``FileNotFoundError``; an empty, truncated or corrupt file, or one that is not a
-    ``glauber train`` checkpoint (another program's pickle, a text file, a bare state dict), raises one
-    ``ValueError`` naming the file and the reader's reason instead of torch's unpickling traceback."""
+    """The module of a ``glauber train`` checkpoint in eval mode (EMA weights by default); a bad file raises one ValueError."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder: give a .ckpt file, e.g. {path / 'checkpoints' / 'last.ckpt'}")
@@ -67,20 +63,14 @@ def checkpoint_tokenizer(module: GenerativeModule) -> TextTokenizer:
 def infill_template(
     tok: TextTokenizer, L: int, wrap: str, prefix: str | None, suffix: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A template ``[L]`` and clamp mask ``[L]``: BOS/EOS (in bos_eos mode), the prefix after BOS and the
-    suffix before EOS are clamped; everything between is free."""
+    """A template ``[L]`` and clamp mask ``[L]`` clamping BOS/EOS (in bos_eos mode), the prefix and the suffix."""
     head = ([tok.bos_id] if wrap == "bos_eos" and tok.bos_id is not None else []) + (tok.encode(prefix) if prefix else [])
     tail = (tok.encode(suffix) if suffix else []) + ([tok.eos_id] if wrap == "bos_eos" and tok.eos_id is not None else [])
     if len(head) + len(tail) >= L:
         raise ValueError(f"prefix and suffix take {len(head) + len(tail)} tokens; the model's length is {L}: shorten them")
-    template = torch.zeros(L, dtype=torch.long)
-    clamp = torch.zeros(L, dtype=torch.bool)
-    template[: len(head)] = torch.tensor(head, dtype=torch.long)
-    clamp[: len(head)] = True
-    if tail:
-        template[L - len(tail) :] = torch.tensor(tail, dtype=torch.long)
-        clamp[L - len(tail) :] = True
-    return template, clamp
+    free = L - len(head) - len(tail)
+    clamp = torch.tensor([True] * len(head) + [False] * free + [True] * len(tail))
+    return torch.tensor(head + [0] * free + tail, dtype=torch.long), clamp
 
 
 def generate(
@@ -98,10 +88,6 @@ def generate(
     out = []
     for start in tqdm(range(0, num, batch_size), desc="batches", disable=not progress or num <= batch_size):
         b = min(batch_size, num - start)
-        if template is None:
-            out.append(module.sample(b, generator=gen, progress=progress, **options))
-        else:
-            out.append(
-                module.sample(b, template=template.expand(b, -1), clamp_mask=clamp, generator=gen, progress=progress, **options)
-            )
+        clamped = {} if template is None else {"template": template.expand(b, -1), "clamp_mask": clamp}
+        out.append(module.sample(b, generator=gen, progress=progress, **clamped, **options))
     return torch.cat(out).cpu()

@@ -1,11 +1,5 @@
-"""Judge language models for generative perplexity, and the evaluation of decoded samples.
-
-A judge is any Hugging Face causal LM, by hub name (``gpt2-large``, the default) or local directory,
-or a GGUF file through ``transformers`` (``gguf_file=``); or an autoregressive checkpoint of this
-framework (``method: ar``), given as ``ckpt:PATH`` or a path ending in ``.ckpt``, scored with its own
-tokenizer. Loaded once per process, float32, eval mode. ``judge.encode`` gives with each token the UTF-8
-bytes it adds to the decoded text (``token_bytes``), for the judge's nll per byte.
-"""
+"""Judges for generative perplexity and the evaluation of decoded samples: a Hugging Face causal LM (hub name, local
+directory or GGUF file) or an AR checkpoint (``ckpt:PATH`` or ``*.ckpt``, own tokenizer), loaded once, in float32."""
 
 from __future__ import annotations
 
@@ -24,7 +18,6 @@ from glauber.eval.metrics import GenerativePerplexity, UnigramEntropy
 
 
 def _hub_cached(name: str) -> bool:
-    """Whether the hub cache holds model ``name`` (its config.json)."""
     try:
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except ValueError:  # not a hub repository id (e.g. a missing local path)
@@ -72,16 +65,8 @@ class HFJudge:
 
 
 def token_bytes(rows: list[list[int]], decode: Callable[[list[list[int]]], list[str]], context: int = 8) -> list[list[int]]:
-    """The UTF-8 bytes token ``j`` adds to the decoded text, ``bytes(decode(ids[:j + 1])) - bytes(decode(ids[:j]))``,
-    so the tokens after the first add up to the bytes of the text they cover past the first token.
-
-    Decoding sees only the ``context`` tokens before ``j``, which keeps the cost linear in the length and
-    is exact for decoders that look back fewer tokens (byte-level BPE, where a character spans at most 4
-    tokens; SentencePiece, whose stripped leading space is at the window's start in both decodes; characters).
-    A prefix that ends inside a character decodes it as U+FFFD (3 bytes), so a single token can count a few
-    bytes too many and the one completing the character as many too few (even -1), but tokens between two
-    character boundaries count their bytes exactly: a sequence's count is off only where the first token
-    or the truncation cuts a character, by at most 2 bytes."""
+    """The UTF-8 bytes token ``j`` adds, ``bytes(decode(ids[:j + 1])) - bytes(decode(ids[:j]))`` on ``context`` tokens (exact
+    for byte-level BPE, SentencePiece, characters); a sequence is off only where its ends cut a character, by <= 2 bytes."""
     windows = [w for r in rows for j in range(len(r)) for w in (r[max(0, j - context) : j], r[max(0, j - context) : j + 1])]
     sizes = [len(t.encode()) for t in decode(windows)]
     added = iter([after - before for before, after in zip(sizes[0::2], sizes[1::2])])
@@ -91,11 +76,9 @@ def token_bytes(rows: list[list[int]], decode: Callable[[list[list[int]]], list[
 def pad_rows(
     rows: list[list[int]], eos_id: int | None, decode: Callable[[list[list[int]]], list[str]]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ids ``[B, N]`` (EOS, or 0 without one), the mask of the real tokens, and ``token_bytes``
-    (0 on padding)."""
+    """Right-padded ids ``[B, N]`` (EOS, or 0 without one), the mask of the real tokens and ``token_bytes`` (0 on padding)."""
     width = max(1, max(len(r) for r in rows))
-    pad = eos_id if eos_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    ids = torch.full((len(rows), width), eos_id if eos_id is not None else 0, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     nbytes = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (r, b) in enumerate(zip(rows, token_bytes(rows, decode))):
@@ -106,12 +89,8 @@ def pad_rows(
 
 
 class CheckpointJudge:
-    """An autoregressive checkpoint of this framework (``method: ar``) as a judge, with the interface of
-    ``HFJudge``: its own tokenizer (``eos_id`` None for a character tokenizer), ``max_length`` = the
-    model's ``data.seq_len``, EMA weights, float32. ``judge(ids, mask)[:, j]`` is the model's
-    distribution of ``ids[:, j + 1]`` given ``ids[:, :j + 1]`` (the last column is never scored), so
-    ``metrics.token_nll`` reads the model's exact conditionals; the first token is not scored, as for
-    any judge, though this model could score it from its BOS input."""
+    """An AR checkpoint as a judge (``HFJudge``'s interface, its own tokenizer, EMA weights): ``judge(ids, mask)[:, j]`` is
+    its distribution of ``ids[:, j + 1]``, so ``metrics.token_nll`` reads its exact conditionals."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         self.module = load_checkpoint(path, device)
@@ -138,8 +117,7 @@ class CheckpointJudge:
         return [self.tokenizer.decode(r) for r in rows]
 
     def check_covers(self, chars: Iterable[str], what: str) -> None:
-        """Refuse, naming them, the characters of ``what`` that this judge's character vocabulary lacks (it
-        could not encode them; a byte-level tokenizer encodes any text)."""
+        """Refuse, naming them, the characters of ``what`` that this judge's character vocabulary lacks."""
         vocab = getattr(self.tokenizer, "chars", None)
         missing = sorted(set(chars) - set(vocab)) if vocab is not None else []
         if missing:
@@ -151,17 +129,9 @@ class CheckpointJudge:
             )
 
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Right-padded token ids of the checkpoint's tokenizer, their mask and their ``token_bytes``, cut to
-        ``max_length``; texts with characters outside a character vocabulary are refused first, naming them."""
+        """``pad_rows`` of the texts in the checkpoint's tokenizer, cut to ``max_length`` (uncovered characters refused)."""
         self.check_covers("".join(texts), "these texts")
         return pad_rows([self.tokenizer.encode(t)[: self.max_length] for t in texts], self.eos_id, self.decode)
-
-
-def checkpoint_judge_path(name: str) -> str | None:
-    """The checkpoint path when ``name`` designates a checkpoint judge (``ckpt:PATH`` or ``*.ckpt``)."""
-    if name.startswith("ckpt:"):
-        return name[len("ckpt:") :]
-    return name if name.endswith(".ckpt") else None
 
 
 Judge = HFJudge | CheckpointJudge
@@ -169,10 +139,9 @@ Judge = HFJudge | CheckpointJudge
 
 @functools.lru_cache(maxsize=4)
 def load_judge(name_or_path: str, device: str = "cpu", gguf_file: str | None = None) -> Judge:
-    """The judge, loaded once per process and kept: a checkpoint judge for ``ckpt:PATH`` or a ``.ckpt``
-    path, else a Hugging Face causal LM."""
-    path = checkpoint_judge_path(name_or_path)
-    if path is not None:
+    """The judge, loaded once per process: a checkpoint judge for ``ckpt:PATH`` or ``*.ckpt``, else a Hugging Face LM."""
+    if name_or_path.startswith("ckpt:") or name_or_path.endswith(".ckpt"):
+        path = name_or_path.removeprefix("ckpt:")
         if gguf_file:
             raise ValueError("--judge-gguf applies to Hugging Face judges, not to a checkpoint judge")
         if not Path(path).is_file():
@@ -189,12 +158,8 @@ def evaluate_texts(
     device: str | torch.device = "cpu",
     num_samples: int | None = None,
 ) -> dict[str, float]:
-    """Generative perplexity of decoded samples under ``judge`` (both averages), the judge's nll per UTF-8
-    byte of the text its scored tokens cover (with bits per byte and ``ppl_per_byte = exp(nll_per_byte)``;
-    ``metrics``), and the unigram entropy of the samples' own token ids (of the judge's tokens when
-    ``sample_ids`` is not given).
-    Under DDP every rank calls it with its share (possibly none): the metric states live on ``device``
-    (so NCCL can synchronise them) and the numbers cover all ranks' samples, ``num_samples`` in all."""
+    """``GenerativePerplexity`` of decoded samples under ``judge``, and the unigram entropy of ``sample_ids`` (else the
+    judge's tokens). Under DDP each rank passes its share: states live on ``device``, results cover all ``num_samples``."""
     ppl = GenerativePerplexity(judge, judge.eos_id, judge.max_length).to(device)
     entropy = UnigramEntropy().to(device)
     for start in range(0, len(texts), batch_size):
@@ -205,16 +170,6 @@ def evaluate_texts(
                 entropy.update(row[m][None])
     if sample_ids is not None:
         entropy.update(sample_ids)
-    res = ppl.compute()
-    return {
-        "gen_ppl": float(res["gen_ppl"]),
-        "gen_ppl_per_seq": float(res["gen_ppl_per_seq"]),
-        "scored_tokens": int(res["scored_tokens"]),
-        "ppl_per_byte": float(res["ppl_per_byte"]),
-        "nll_per_byte": float(res["nll_per_byte"]),
-        "bits_per_byte": float(res["bits_per_byte"]),
-        "scored_bytes": int(res["scored_bytes"]),
-        "unigram_entropy": float(entropy.compute()),
-        "num_samples": len(texts) if num_samples is None else num_samples,
-        "judge": judge.name,
-    }
+    res = {k: int(v) if k.startswith("scored_") else float(v) for k, v in ppl.compute().items()}
+    num_samples = len(texts) if num_samples is None else num_samples
+    return {**res, "unigram_entropy": float(entropy.compute()), "num_samples": num_samples, "judge": judge.name}

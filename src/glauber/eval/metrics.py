@@ -1,19 +1,6 @@
-"""Sample-quality metrics: generative perplexity under a judge LM, and unigram entropy.
-
-Protocol (DUO's): samples are decoded, retokenised with the judge's tokenizer and cut to
-its context; each token ``y_j`` with ``j >= 1`` is scored by ``CE(logits_{j-1}, y_j)`` (the first token
-never is); EOS tokens after the first one in a sequence are not scored. ``gen_ppl`` is the
-micro-average ``exp(sum nll / scored tokens)`` over all samples (synchronised across processes);
-``gen_ppl_per_seq`` is SEDD's mean of per-sequence perplexities (larger on the same samples).
-Always report the unigram entropy beside it: degenerate, repetitive samples score a low perplexity.
-
-Per token, a perplexity depends on the judge's tokenizer: text it splits into many short tokens (near-random
-characters) scores well per token however unlikely it is per character. ``nll_per_byte`` divides the same
-sum of nll by the UTF-8 bytes of text the same scored tokens cover: the decoded text past the first token,
-within the judge's context, less any later EOS (``token_bytes``, what each token adds to the decoded text:
-``judges.token_bytes``). Micro-averaged like ``gen_ppl``, so ``nll_per_byte * scored_bytes`` is the total
-nll; ``bits_per_byte = nll_per_byte / ln 2``, ``ppl_per_byte = exp(nll_per_byte)``.
-"""
+"""Sample-quality metrics (DUO's protocol): generative perplexity of judge-retokenised samples, each token ``j >= 1`` but
+later EOS scored by ``CE(logits_{j-1}, y_j)``, per token and per UTF-8 byte (not rewarding text the judge splits finely);
+and the unigram entropy to report beside it, since repetitive samples score a low perplexity."""
 
 from __future__ import annotations
 
@@ -34,8 +21,7 @@ def scored_mask(ids: Tensor, attention_mask: Tensor, eos_id: int | None) -> Tens
     mask[:, 0] = False
     if eos_id is not None:
         is_eos = ids == eos_id
-        later_eos = is_eos & (is_eos.long().cumsum(1) > 1)
-        mask &= ~later_eos
+        mask &= ~(is_eos & (is_eos.long().cumsum(1) > 1))
     return mask
 
 
@@ -47,23 +33,19 @@ def token_nll(logits: Tensor, ids: Tensor) -> Tensor:
 
 
 class GenerativePerplexity(Metric):
-    """Generative perplexity of judge-tokenised samples (both averages) and the nll per byte, DDP-synchronised."""
+    """DDP-synchronised micro-averages ``gen_ppl``, ``nll_per_byte`` (and derived), and SEDD's per-sequence mean."""
 
     full_state_update = False
 
     def __init__(self, judge: CausalLogits, eos_id: int | None, max_length: int = 1024) -> None:
         super().__init__()
         self.judge, self.eos_id, self.max_length = judge, eos_id, max_length
-        self.add_state("nll_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("bytes", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("seq_ppl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("seqs", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("nll_sum", "tokens", "bytes", "seq_ppl_sum", "seqs"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     @torch.no_grad()
     def update(self, ids: Tensor, attention_mask: Tensor | None = None, *, token_bytes: Tensor) -> None:
-        """``ids [B, N]``: samples in the judge's tokens (right-padded; ``attention_mask`` marks real ones);
-        ``token_bytes [B, N]``: the UTF-8 bytes each token adds to the decoded text."""
+        """``ids [B, N]``: right-padded judge tokens (``attention_mask``: the real ones), ``token_bytes [B, N]`` their bytes."""
         ids = ids[:, : self.max_length]
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, : self.max_length].bool()
         nll = token_nll(self.judge(ids, mask), ids).double()
@@ -83,9 +65,9 @@ class GenerativePerplexity(Metric):
             "gen_ppl": torch.exp(self.nll_sum / self.tokens),
             "gen_ppl_per_seq": self.seq_ppl_sum / self.seqs,
             "scored_tokens": self.tokens,
+            "ppl_per_byte": torch.exp(nll_per_byte),
             "nll_per_byte": nll_per_byte,
             "bits_per_byte": nll_per_byte / math.log(2),
-            "ppl_per_byte": torch.exp(nll_per_byte),
             "scored_bytes": self.bytes,
         }
 

@@ -19,10 +19,7 @@ START_STEP = "start_step"  # in logs/version_N/: the global step that start of t
 
 
 def merge_metric_logs(logs_dir: str | Path) -> Path | None:
-    """Write ``logs/metrics.csv``: every start of a run (the first, each resume) has its own Lightning CSV
-    log ``logs/version_N/metrics.csv``; they are joined in order, each resumed start replacing the rows the
-    earlier ones logged from its start step on (but for evaluations made at that step, which it does not
-    repeat: training rows at the start step belong to the batch after the checkpoint). None without logs."""
+    """Join ``logs/version_N/metrics.csv`` into ``logs/metrics.csv``, a resume replacing rows from its step on (bar evals)."""
     logs = Path(logs_dir)
     versions = sorted(logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.removeprefix("version_") or 0))
     if not versions:
@@ -37,15 +34,11 @@ def merge_metric_logs(logs_dir: str | Path) -> Path | None:
         start_file = path.parent / START_STEP
         start = int(start_file.read_text()) if start_file.is_file() else min((_step(r) for r in new), default=0)
         rows = [r for r in rows if _step(r) < start or (_step(r) == start and _only_evaluations(r))] + new
-
-    def write(f) -> None:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        f.write(text.getvalue().encode())
-
-    atomic_write(logs / "metrics.csv", write)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(logs / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
     return logs / "metrics.csv"
 
 
@@ -65,11 +58,9 @@ def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:
         return series
     with path.open() as f:
         for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
             for k, v in row.items():
-                if k in ("step", "epoch") or v in ("", None):
-                    continue
-                series.setdefault(k, []).append((step, float(v)))
+                if k not in ("step", "epoch") and v not in ("", None):
+                    series.setdefault(k, []).append((_step(row), float(v)))
     return series
 
 
@@ -95,10 +86,8 @@ def plot_loss_curves(csv_path: str | Path, out_png: str | Path) -> Path | None:
         smooth = [sum(vals[max(0, i - k) : i + 1]) / len(vals[max(0, i - k) : i + 1]) for i in range(len(vals))]
         ax.plot(steps, smooth, lw=1.6, label=f"train (mean of {k + 1})")
     if s.get("val/loss"):
-        vs, vv = zip(*s["val/loss"])
-        ax.plot(vs, vv, "o-", lw=1.6, label="validation (EMA)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per hidden position")
+        ax.plot(*zip(*s["val/loss"]), "o-", lw=1.6, label="validation (EMA)")
+    ax.set(xlabel="optimizer step", ylabel="loss per hidden position")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out_png)
@@ -109,19 +98,15 @@ def plot_loss_by_noise(bucket_losses: dict[int, float], num_buckets: int, step: 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ks = sorted(k for k, v in bucket_losses.items() if math.isfinite(v))
     ax.bar([(k + 0.5) / num_buckets for k in ks], [bucket_losses[k] for k in ks], width=0.8 / num_buckets)
-    ax.set_xlabel("noising time t/T")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"validation loss by noise level (step {step})")
+    ax.set(xlabel="noising time t/T", ylabel="validation loss", title=f"validation loss by noise level (step {step})")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, out_png)
 
 
 def plot_comparison(rows: list[dict], labels: dict[str, str], out_png: str | Path) -> Path:
-    """Generative perplexity and entropy against network calls, and gen-PPL against sampling time.
-    Rows with one point (AR, real text) are drawn as horizontal references."""
+    """Gen-PPL and entropy against network calls, gen-PPL against sampling time; AR and real text as references."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    for name in methods:
+    for name in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r for r in rows if r["method"] == name), key=lambda r: r["nfe"])
         label = labels.get(name, name)
         if name in ("real", "ar"):
@@ -133,17 +118,9 @@ def plot_comparison(rows: list[dict], labels: dict[str, str], out_png: str | Pat
         axes[0].plot(nfe, [r["gen_ppl"] for r in pts], "o-", label=label)
         axes[1].plot(nfe, [r["entropy"] for r in pts], "o-", label=label)
         axes[2].plot([r["sample_s"] / r["num_samples"] for r in pts], [r["gen_ppl"] for r in pts], "o-", label=label)
-    for ax, (xl, yl) in zip(
-        axes,
-        [
-            ("network calls", "generative perplexity"),
-            ("network calls", "unigram entropy (nats)"),
-            ("sampling seconds per sample", "generative perplexity"),
-        ],
-    ):
-        ax.set_xscale("log")
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
+    xlabels = ("network calls", "network calls", "sampling seconds per sample")
+    for ax, xl, yl in zip(axes, xlabels, ("generative perplexity", "unigram entropy (nats)", "generative perplexity")):
+        ax.set(xscale="log", xlabel=xl, ylabel=yl)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_yscale("log")
     axes[2].set_yscale("log")
@@ -152,8 +129,7 @@ def plot_comparison(rows: list[dict], labels: dict[str, str], out_png: str | Pat
 
 
 def plot_budgets(rows: list[dict], labels: dict[str, str], nfe: int, out_png: str | Path) -> Path:
-    """Generative perplexity and NLL per byte at ``nfe`` network calls (AR: its own count) against training
-    steps, one line per method; real text as a horizontal reference."""
+    """Generative perplexity and NLL per byte at ``nfe`` network calls (AR: its own) against training steps."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(r["method"] for r in rows):
         pts = [r for r in rows if r["method"] == name and "corrector" not in r["setting"]]
@@ -167,9 +143,7 @@ def plot_budgets(rows: list[dict], labels: dict[str, str], nfe: int, out_png: st
         for ax, key in zip(axes, ("gen_ppl", "nll_per_byte")):
             ax.plot([r["budget"] for r in pts], [r[key] for r in pts], "o-", label=labels.get(name, name))
     for ax, yl in zip(axes, (f"generative perplexity (NFE = {nfe})", "judge NLL per byte (nats)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("training steps")
-        ax.set_ylabel(yl)
+        ax.set(xscale="log", xlabel="training steps", ylabel=yl)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
@@ -183,8 +157,7 @@ def plot_val_nll(csv_paths: dict[str, str | Path], labels: dict[str, str], out_p
         pts = read_metrics(path).get("val/nll", [])
         if pts:
             ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", ms=3, label=labels.get(name, name))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation NLL of the denoising conditional (nats)")
+    ax.set(xlabel="optimizer step", ylabel="validation NLL of the denoising conditional (nats)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out_png)

@@ -22,8 +22,7 @@ NUM_BUCKETS = 10  # validation loss is also reported per tenth of the noise time
 
 
 class GenerativeModule(L.LightningModule):
-    """Base LightningModule of every method: subclasses implement ``compute_loss`` and ``sample``. Without a
-    ``vocab_size`` (it comes from the data) the network is built in ``configure_model`` from the DataModule."""
+    """Base of every method (``compute_loss``, ``sample``); built in ``configure_model`` when the data gives ``vocab_size``."""
 
     def __init__(self, cfg: dict | DictConfig, vocab_size: int | None = None) -> None:
         super().__init__()
@@ -105,9 +104,7 @@ class GenerativeModule(L.LightningModule):
             self.model.train(was_training)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        """``val/loss`` with the EMA weights (swapped in per batch), also per tenth of the noise time when
-        ``compute_loss`` returns a ``time`` in [0, 1] per row. The noise is seeded by batch and rank, the same at
-        every validation. No host sync: each bucket's mean weighs its rows 1 and the other rows 0."""
+        """``val/loss`` with EMA weights, also per tenth of ``time``; bucket means weigh their rows 1, others 0 (no host sync)."""
         gen = torch.Generator(device=self.device).manual_seed(10_007 * batch_idx + self.global_rank + 17)
         with self.ema_scope():
             _, extra = self.compute_loss(batch, gen)
@@ -143,8 +140,7 @@ class GenerativeModule(L.LightningModule):
 
     def network_calls(self, **options: Any) -> float:
         """Network evaluations per sample of the last ``sample(**options)`` call (``last_sample_nfe``)."""
-        nfe = getattr(self, "last_sample_nfe", None)
-        if nfe is None:
+        if (nfe := getattr(self, "last_sample_nfe", None)) is None:
             raise ValueError("no sample drawn yet")
         return float(nfe)
 

@@ -37,9 +37,8 @@ class GGMModule(GenerativeModule):
         self._laws: dict[torch.device, NoiseLaw] = {}
 
     def schedule(self, m: int | None = None, sweeps: int | None = None) -> GlauberSchedule:
-        """The schedule with ``m`` positions per step and ``sweeps`` sweeps (default: the configured ones), cached.
-        Another ``K`` changes every position's signal levels: only a network that reads them (``model.condition_on_alpha``)
-        can sample it."""
+        """The schedule with ``m`` positions per step and ``sweeps`` sweeps (default: the configured ones), cached; another
+        ``K`` changes the signal levels, so only a network that reads them (``model.condition_on_alpha``) can sample it."""
         m = m or self.cfg.schedule.positions_per_step
         trained = self.cfg.schedule.sweeps
         K = trained if sweeps is None else sweeps
@@ -64,16 +63,14 @@ class GGMModule(GenerativeModule):
         return self._t_probs[m, device]
 
     def law_on(self, device: torch.device) -> NoiseLaw:
-        """The noise law on ``device``: checked once when built, then moved once and reused at every step."""
+        """The noise law on ``device``, moved once and reused at every step."""
         if device not in self._laws:
             self._laws[device] = self.law.to(device)
         return self._laws[device]
 
     def denoiser(self, schedule: GlauberSchedule, clean_mask: Tensor | None = None) -> Denoiser:
-        """The network as the sampler's ``f(x_in, hidden, t) -> h``; ``hidden``: a boolean mask ``[B, L]`` or sorted
-        positions ``[B, m]`` (``takes_positions``: no host-device synchronisation to gather). Positions in
-        ``clean_mask`` (infilling) are shown to the network as fully clean (signal level 1)."""
-        clean = None if clean_mask is None else clean_mask.to(self.device)  # moved once, not per call
+        """The network as the sampler's ``f(x_in, hidden, t) -> h``; positions in ``clean_mask`` get signal level 1."""
+        clean = None if clean_mask is None else clean_mask.to(self.device)
 
         def f(x_in: Tensor, hidden: Tensor, t: Tensor) -> Tensor:
             alpha = self.signal_levels(schedule, t)
@@ -89,13 +86,9 @@ class GGMModule(GenerativeModule):
         return schedule.signal_level(t).float() if self.model.alpha_embed is not None else None
 
     def compute_loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean GGM loss of a batch at random steps, and per-row extras.
-
-        No host-device synchronisation after the first batch (checked here; the data was checked when
-        cached): the rest runs inside ``trusted_inputs()``. A training batch's hidden-set size ``m`` is drawn
-        on the host from the generator's seed (derived from the batch counter): the same ``m`` on a resumed
-        run, and one ``m`` for a caller that reuses one generator for several batches."""
-        if not getattr(self, "_batch_checked", False):  # once, where data enters this module
+        """Mean GGM loss at random steps and per-row extras, without host-device sync after the first batch (checked here). A
+        training batch's ``m`` comes from the generator's seed: the same on a resumed run and for one reused generator."""
+        if not getattr(self, "_batch_checked", False):
             check_batch(batch, self.schedule(), self.law, "batch")
             self._batch_checked = True
         if self.training:
@@ -133,9 +126,7 @@ class GGMModule(GenerativeModule):
         corrector_sweeps: int = 0,
         **options: Any,
     ) -> Tensor:
-        """Unconditional samples, or infilling when ``template`` and ``clamp_mask`` are given. ``sweeps``: the
-        sampling ``K`` (see ``schedule``); ``corrector_sweeps``: refinement sweeps after ``t = 0``;
-        ``options``: temperature, top_p, float64 (the final categorical draw)."""
+        """Samples, or infilling given ``template`` and ``clamp_mask``; ``sweeps``: the sampling ``K`` (``schedule``)."""
         sched = self.schedule(positions_per_step, sweeps)
         law = self.law_on(self.device)
         common = dict(corrector_sweeps=corrector_sweeps, generator=generator, progress=progress, **options)
@@ -148,8 +139,7 @@ class GGMModule(GenerativeModule):
     def network_calls(
         self, positions_per_step: int | None = None, sweeps: int | None = None, corrector_sweeps: int = 0, **options: Any
     ) -> float:
-        """``(K + corrector_sweeps) L / m``: one network call per step, whatever the draw (infilling
-        skips the steps whose positions are all clamped)."""
+        """``(K + corrector_sweeps) L / m``: one network call per step (infilling skips the steps it clamps whole)."""
         check_count("corrector_sweeps", corrector_sweeps, 0)
         sched = self.schedule(positions_per_step, sweeps)
         return float(sched.num_steps + corrector_sweeps * sched.steps_per_sweep)

@@ -1,12 +1,7 @@
-"""The MDLM baseline: masked (absorbing-state) diffusion on the same DDiT backbone.
-
-Forward process: each token is independently replaced by the mask (the network's extra embedding
-row ``V``) with probability ``1 - alpha(t)``, ``alpha(t) = 1 - (1 - eps) t`` (log-linear schedule).
-SUBS parameterisation: the network predicts the clean token only at masked positions (the head has no
-mask logit; unmasked tokens are carried over unchanged). Continuous-time NELBO:
-``E_t [ alpha'(t) / (1 - alpha(t)) * sum_{masked i} log p(x_i | x_t) ]``, whose weight is ``-1/t`` for
-this schedule, so the loss per sequence is ``(1/t) * sum_{masked i} CE_i``, reported per token.
-"""
+"""The MDLM baseline: masked diffusion on the DDiT backbone. Each token is masked (row ``V``) with probability
+``1 - alpha(t)``, ``alpha(t) = 1 - (1 - eps) t``; SUBS: the network predicts clean tokens at masked positions only.
+The NELBO ``E_t [alpha'(t) / (1 - alpha(t)) sum_{masked i} log p(x_i | x_t)]`` has weight ``-1/t`` here, so the loss
+of a sequence is ``(1/t) sum_{masked i} CE_i``, reported per token."""
 
 from __future__ import annotations
 
@@ -27,12 +22,11 @@ CACHE_NEEDS_NO_TIME = (
 
 
 class MDLMModule(GenerativeModule):
-    """Masked diffusion (MDLM): training on the NELBO, ancestral or caching sampler. ``val/loss`` is the NELBO
-    per token in nats, an upper bound on the per-token NLL (comparable with the AR baseline's) up to the terms MDLM
-    also leaves out: ``t < eps`` is not sampled, and ``alpha(1) = eps`` rather than 0 (no prior term)."""
+    """MDLM with an ancestral or caching sampler. ``val/loss``, the NELBO per token in nats, bounds the AR baseline's
+    per-token NLL up to the terms MDLM also leaves out (``t < eps``, and the prior term: ``alpha(1) = eps``, not 0)."""
 
     def alpha(self, t: Tensor) -> Tensor:
-        """Probability that a token is still unmasked at time ``t``: ``1 - (1 - eps) t``."""
+        """Probability that a token is still unmasked at time ``t``."""
         return 1 - (1 - self.cfg.mdlm.eps) * t
 
     def network(self, x_in: Tensor, hidden: Tensor, t: Tensor) -> Tensor:
@@ -41,8 +35,7 @@ class MDLMModule(GenerativeModule):
         return self.model(x_in, hidden, time)
 
     def draw_times(self, B: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """``t`` in ``[eps, 1]``, low-discrepancy over the batch: ``(u + i / B) mod 1`` for one uniform ``u``
-        (each ``t`` is still uniform; the batch covers ``[0, 1]`` evenly, which lowers the loss variance)."""
+        """``t`` in ``[eps, 1]`` from ``(u + i / B) mod 1``, one uniform ``u``: evenly spread, for a lower variance."""
         u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
         s = (u + torch.arange(B, device=device, dtype=torch.float64) / B) % 1
         eps = self.cfg.mdlm.eps
@@ -51,12 +44,10 @@ class MDLMModule(GenerativeModule):
     def compute_loss(self, batch: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         B, L = batch.shape
         t = self.draw_times(B, generator, batch.device)
-        p_mask = (1 - self.alpha(t))[:, None]
-        masked = torch.rand((B, L), generator=generator, device=batch.device) < p_mask
+        masked = torch.rand((B, L), generator=generator, device=batch.device) < (1 - self.alpha(t))[:, None]
         h = self.network(batch.masked_fill(masked, self.vocab_size), masked, t)
         ce = F.cross_entropy(h.float(), batch[masked], reduction="none")
-        rows = masked.nonzero(as_tuple=True)[0]
-        per_row_ce = torch.zeros(B, device=batch.device, dtype=ce.dtype).index_add(0, rows, ce)
+        per_row_ce = torch.zeros(B, device=batch.device, dtype=ce.dtype).index_add(0, masked.nonzero(as_tuple=True)[0], ce)
         per_row = per_row_ce / t / L  # weight -alpha'(t) / (1 - alpha(t)) = 1/t; per token
         return per_row.mean(), {"per_row": per_row, "time": t, "masked": masked.sum(1)}
 
@@ -75,12 +66,8 @@ class MDLMModule(GenerativeModule):
         sampler: str | None = None,
         **ignored: Any,
     ) -> Tensor:
-        """``[num_samples, L]`` from all-masked at ``t = 1`` to ``t = 0`` in ``steps`` steps (default ``mdlm.steps``,
-        else ``L``): from ``t`` to ``s = t - 1/steps`` each masked position is unmasked with probability
-        ``(alpha(s) - alpha(t)) / (1 - alpha(t))``, its token drawn from the network's categorical.
-        ``sampler`` (default ``mdlm.sampler``): ``ancestral`` calls the network on the whole batch at each step;
-        ``cache`` only on the rows changed since their last call (the same samples for the same seed, exact for a
-        time-independent network). Positions in ``clamp_mask`` keep ``template``'s tokens."""
+        """``[num_samples, L]`` from all-masked in ``steps`` steps (default ``mdlm.steps`` or ``L``) unmasking each position
+        w.p. ``(alpha(s) - alpha(t)) / (1 - alpha(t))``; sampler ``cache`` reruns only changed rows (the same samples)."""
         sampler = sampler or self.cfg.mdlm.sampler
         if sampler not in ("ancestral", "cache"):
             raise ValueError(f"mdlm.sampler must be 'ancestral' or 'cache' (got {sampler!r})")
@@ -109,9 +96,8 @@ class MDLMModule(GenerativeModule):
                     calls, row_evals = calls + 1, row_evals + int(changed.sum())
                 else:
                     h = h_cache
-                # (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t for the log-linear schedule
-                p_unmask = 1.0 / k
-                unmask = torch.rand(h.shape[0], generator=generator, device=self.device, dtype=torch.float64) < p_unmask
+                # (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t = 1 / k
+                unmask = torch.rand(h.shape[0], generator=generator, device=self.device, dtype=torch.float64) < 1.0 / k
                 tokens = draw_categorical(h[unmask], temperature, top_p, generator, float64)
                 pos = masked.nonzero(as_tuple=True)
                 x[pos[0][unmask], pos[1][unmask]] = tokens

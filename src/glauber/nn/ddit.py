@@ -1,15 +1,6 @@
-"""The denoiser network: a DDiT-style bidirectional transformer (adaLN-Zero, rotary, SDPA).
-
-``forward(x_in, hidden_mask, time, alpha=None) -> h``: ``x_in [B, L]`` holds token ids with the
-hidden positions set to ``hidden_id = V`` (a dedicated embedding row), ``time [B]`` in ``(0, 1]`` is
-``(t + 1) / T``, ``alpha [B, L]`` optionally gives each position's signal level. The vocabulary head
-runs only on the hidden positions (gathered first), so ``h`` is ``[N, V]`` in
-``hidden_mask.nonzero()`` order.
-
-With ``causal=True`` the same network is a decoder-only language model (the AR baseline): position
-``i`` attends to positions ``<= i`` only, and ``decode_step`` runs one position at a time on a
-key/value cache.
-"""
+"""The denoiser, a DDiT-style transformer (adaLN-Zero, rotary, SDPA): ``forward(x_in, hidden, time, alpha=None) -> h [N, V]``,
+``x_in [B, L]`` with hidden positions set to ``hidden_id = V`` (an extra embedding row), ``time [B] = (t + 1) / T``, ``alpha``
+optional signal levels; the head runs on hidden positions only. ``causal=True``: the AR baseline (``decode_step``)."""
 
 from __future__ import annotations
 
@@ -28,12 +19,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 ALPHA_SCALE = 10.0  # per-position signal levels: at most 10 rad per unit of alpha
-SIZES: dict[str, tuple[int, int, int]] = {  # width, blocks, heads
-    "tiny": (64, 2, 2),
-    "demo": (192, 4, 4),
-    "small": (768, 12, 12),
-    "medium": (1024, 24, 16),
-}
+SIZES = {"tiny": (64, 2, 2), "demo": (192, 4, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  # width, blocks, heads
 
 
 Size = choice("Size", SIZES, __name__)
@@ -132,9 +118,8 @@ class Block(nn.Module):
         self.norm1, self.norm2 = LayerNorm(width), LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width)
-        )
+        hidden = mlp_ratio * width
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.ada = nn.Linear(cond_dim, 6 * width)
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
@@ -143,10 +128,8 @@ class Block(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.attention != "sdpa" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return flash_attn_func(q, k, v, dropout_p=p, causal=self.causal)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, is_causal=self.causal
-        )
-        return out.transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal).transpose(1, 2)
 
     def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, L, D = x.shape
@@ -160,8 +143,7 @@ class Block(nn.Module):
         return x + gate2[:, None] * F.dropout(self.mlp(h), self.dropout, self.training)
 
     def forward_cached(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], pos: int) -> Tensor:
-        """One new position ``pos`` (``x [B, 1, D]``, rotary tables of that position) of a causal block:
-        its key/value are written into ``cache`` (``[B, L, H, Dh]`` each) and it attends to ``0..pos``."""
+        """One new position ``pos`` (``x [B, 1, D]``) of a causal block: caches its key/value, attends to ``0..pos``."""
         B, _, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
@@ -191,8 +173,7 @@ class DDiT(nn.Module):
         if self.alpha_embed is not None:
             nn.init.zeros_(self.alpha_embed.weight)
             nn.init.zeros_(self.alpha_embed.bias)
-        # Rotary attention only sees offsets; images need to know where a token is (borders, centre).
-        self.pos_embed = nn.Embedding(cfg.learned_positions, width) if cfg.learned_positions > 0 else None
+        self.pos_embed = nn.Embedding(cfg.learned_positions, width) if cfg.learned_positions > 0 else None  # beside rotary
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=0.02)
         self.rotary = Rotary(width // heads)
@@ -203,8 +184,7 @@ class DDiT(nn.Module):
         self.ada_out = nn.Linear(cfg.cond_dim, 2 * width)
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
-        # Untied by default; a tied head reads the token rows of the embedding (not the hidden row).
-        self.head = None if cfg.tie_head else nn.Linear(width, vocab_size, bias=False)
+        self.head = None if cfg.tie_head else nn.Linear(width, vocab_size, bias=False)  # tied: the embedding's token rows
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
@@ -241,9 +221,8 @@ class DDiT(nn.Module):
         return x, c
 
     def forward(self, x_in: Tensor, hidden: Tensor | None, time: Tensor, alpha: Tensor | None = None) -> Tensor:
-        """``hidden``: a boolean mask ``[B, L]``, sorted positions ``[B, m]`` (static shapes, for
-        ``torch.compile`` in training) or None for every position (as an all-true mask, without its
-        synchronisation). Returns ``h [N, V]`` in row-major order of the hidden positions."""
+        """``h [N, V]`` in row-major order of ``hidden``: a boolean mask ``[B, L]``, sorted positions ``[B, m]`` (static
+        shapes, for ``torch.compile``) or None for every position (an all-true mask without its synchronisation)."""
         x, c = self.trunk(x_in, time, alpha)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
         if hidden is None:  # every position: broadcast the modulation instead of gathering
@@ -262,24 +241,16 @@ class DDiT(nn.Module):
         weight = self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
         return F.linear(x, weight, self.head_bias)
 
-    # -- one position at a time (causal models) -----------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
         """Empty key/value buffers ``[B, max_len, H, Dh]`` per block for ``decode_step``."""
         if not self.cfg.causal:
             raise ValueError("decode_step needs a causal model (model.causal=true)")
-        ref = self.embed.weight
-        heads = self.blocks[0].heads
-        shape = (batch, max_len, heads, ref.shape[1] // heads)
-        dtype = dtype or ref.dtype
-        return [
-            (torch.zeros(shape, dtype=dtype, device=ref.device), torch.zeros(shape, dtype=dtype, device=ref.device))
-            for _ in self.blocks
-        ]
+        ref, heads = self.embed.weight, self.blocks[0].heads
+        zeros = lambda: torch.zeros(batch, max_len, heads, ref.shape[1] // heads, dtype=dtype or ref.dtype, device=ref.device)
+        return [(zeros(), zeros()) for _ in self.blocks]
 
     def decode_step(self, token: Tensor, pos: int, time: Tensor, cache: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Logits ``[B, V]`` at position ``pos`` given the input ``token [B]`` there and the positions
-        ``< pos`` already in ``cache`` (filled by earlier calls, in order). Equal to ``forward`` of the
-        whole prefix with ``causal=True`` at that position; dropout is not applied (sampling only)."""
+        """Logits ``[B, V]`` at ``pos`` from ``token [B]`` and ``cache`` (positions ``< pos``): causal ``forward``, no dropout."""
         max_len = cache[0][0].shape[1]
         if not 0 <= pos < max_len:
             raise ValueError(f"position {pos} outside the cache of length {max_len}")

@@ -10,10 +10,7 @@ from torch import nn
 
 
 class EMA:
-    """``shadow = decay * shadow + (1 - decay) * param`` after every optimizer step.
-
-    ``scope(model)`` temporarily loads the averaged weights (re-entrant: nested scopes are no-ops).
-    """
+    """``shadow = decay * shadow + (1 - decay) * param`` per optimizer step; ``scope(model)`` swaps it in (re-entrant)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0 < decay < 1:
@@ -37,9 +34,7 @@ class EMA:
         params = list(model.parameters())
         self._backup = [p.detach().clone() for p in params]
         try:
-            with torch.no_grad():
-                for p, s in zip(params, self.shadow):
-                    p.copy_(s.to(p.device, p.dtype))
+            self.copy_to(model)
             yield
         finally:
             with torch.no_grad():
@@ -53,8 +48,7 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError("EMA state does not match the model's parameters (checkpoint from another model config?)")
-        device = self.shadow[0].device
-        self.shadow = [s.to(device).float() for s in state["shadow"]]
+        self.shadow = [s.to(self.shadow[0].device).float() for s in state["shadow"]]
         self.decay = state["decay"]
 
     def copy_to(self, model: nn.Module) -> None:

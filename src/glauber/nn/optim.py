@@ -20,12 +20,9 @@ def lr_factor(step: int, warmup_steps: int, lr_schedule: str, total_steps: int, 
 
 
 def adamw_with_schedule(groups: Any, o: Any, total_steps: int) -> dict:
-    """Lightning's ``configure_optimizers`` answer for parameter ``groups`` and options ``o`` (``lr``,
-    ``betas``, ``weight_decay`` (the groups' own take precedence), ``warmup_steps``, ``lr_schedule``,
-    ``min_lr_ratio``)."""
+    """Lightning's ``configure_optimizers`` answer for parameter ``groups`` and ``optim`` options ``o``."""
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    total = max(total_steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, o.warmup_steps, o.lr_schedule, total, o.min_lr_ratio)
+        opt, lambda step: lr_factor(step, o.warmup_steps, o.lr_schedule, max(total_steps, 1), o.min_lr_ratio)
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

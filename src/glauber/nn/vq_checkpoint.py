@@ -18,8 +18,7 @@ CONFIG_MISMATCH_HINT = "this checkpoint was made with a different ddconfig: pass
 
 
 def find_taming_config(ckpt_path: str | Path) -> Path | None:
-    """The yaml of a taming checkpoint: beside it, or in ``../configs/`` (taming's log layout); the newest
-    by name wins."""
+    """The yaml of a taming checkpoint, beside it or in ``../configs/``; the last by name wins."""
     ckpt_path = Path(ckpt_path)
     candidates = [*sorted(ckpt_path.parent.glob("*.yaml")), *sorted((ckpt_path.parent.parent / "configs").glob("*.yaml"))]
     from omegaconf import OmegaConf
@@ -55,20 +54,17 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "
         shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
         return f"{title}: {shown}"
 
-    parts = [
-        listing(t, i) for t, i in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if i
-    ]
-    hint = ""
-    if any(k.startswith("quantize.embed.") or k.startswith("quantize.proj") for k in unexpected):
-        hint = " (quantize.embed/proj keys: a Gumbel-quantizer checkpoint, which is not supported)"
+    named = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+    parts = [listing(t, i) for t, i in named if i]
+    gumbel = any(k.startswith(("quantize.embed.", "quantize.proj")) for k in unexpected)
+    hint = " (quantize.embed/proj keys: a Gumbel-quantizer checkpoint, which is not supported)" if gumbel else ""
     raise ValueError(f"{source} does not fit the VQ model: {'; '.join(parts)}{hint}. {CONFIG_MISMATCH_HINT}")
 
 
 def load_vq(
     path: str | Path, config: VQConfig | dict | str | Path | None = None, map_location: str | torch.device = "cpu"
 ) -> VQModel:
-    """A VQ tokenizer in eval mode from our ``vq.ckpt`` or a taming checkpoint. ``config`` (a ``VQConfig``,
-    dict or yaml path) defaults to the one stored in ours, or the taming yaml ``find_taming_config`` finds."""
+    """A VQ tokenizer in eval mode from our ``vq.ckpt`` or a taming checkpoint (``config``: the stored or found one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQ checkpoint {path} not found")
@@ -102,7 +98,7 @@ def load_vq(
 
 
 def save_vq(path: str | Path, model: VQModel, **extra: Any) -> Path:
-    """Write ``{"vq_config", "state_dict", **extra}`` atomically (temporary file + ``os.replace``)."""
+    """Write ``{"vq_config", "state_dict", **extra}`` atomically."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     AtomicCheckpointIO().save_checkpoint({"vq_config": model.config.to_dict(), "state_dict": state, **extra}, path)
     return Path(path)

@@ -9,12 +9,7 @@ from typing import Any
 
 @dataclass
 class VQConfig:
-    """taming-transformers' ``ddconfig`` plus ``embed_dim`` (code dimension) and ``n_embed`` (codebook size).
-
-    The defaults are the ImageNet f16 VQGAN (256x256 -> 16x16 tokens, codebook 1024); ``len(ch_mult) - 1``
-    2x downsamplings; ``attn_resolutions`` are feature-map sizes. ``norm_groups`` (not a taming key): the
-    GroupNorm groups, 32 in taming; fewer allow narrower models.
-    """
+    """taming's ``ddconfig``, ``embed_dim`` and ``n_embed`` (ImageNet f16 VQGAN defaults), plus ``norm_groups`` (32 in taming)."""
 
     embed_dim: int = 256
     n_embed: int = 1024

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from glauber.nn.vq_config import VQConfig
 
 
-# -- building blocks (names as in taming's diffusionmodules/model.py) ----------------------------------
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
@@ -70,8 +69,7 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: residual blocks ``block``, each followed by an ``attn`` block when ``attend``;
-    the encoder/decoder adds its ``downsample``/``upsample``."""
+    """One resolution level: residual blocks ``block``, each followed by an ``attn`` block when ``attend``."""
 
     def __init__(self, cfg: VQConfig, c_in: int, c_out: int, n_blocks: int, attend: bool) -> None:
         super().__init__()
@@ -175,9 +173,8 @@ class VectorQuantizer(nn.Module):
         chunk = max(1, (1 << 24) // self.n_embed)
         ids = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
         for s in range(0, flat.shape[0], chunk):
-            part = flat[s : s + chunk]
             # |z|^2 is the same for every code: argmin of |e|^2 - 2 z.e
-            ids[s : s + chunk] = torch.addmm(code_sq, part, codes.t(), beta=1.0, alpha=-2.0).argmin(1)
+            ids[s : s + chunk] = torch.addmm(code_sq, flat[s : s + chunk], codes.t(), beta=1.0, alpha=-2.0).argmin(1)
         return ids.view(n, h, w)
 
     def lookup(self, ids: Tensor) -> Tensor:
@@ -213,14 +210,12 @@ class VQModel(nn.Module):
     @property
     def grid_shape(self) -> tuple[int, int]:
         """Token grid ``(h, w)`` of an image of the configured ``resolution``."""
-        side = self.config.resolution // self.downsample_factor
-        return side, side
+        return (self.config.resolution // self.downsample_factor,) * 2
 
     @property
     def vocab_size(self) -> int:
         return self.config.n_embed
 
-    # -- differentiable pieces (training) ----------------------------------------------------------
     def encode_latent(self, x: Tensor) -> Tensor:
         """Float images [N, C, H, W] in [-1, 1] -> pre-quantisation latents z_e [N, embed_dim, h, w]."""
         return self.quant_conv(self.encoder(x))
@@ -230,25 +225,19 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
     def quantise(self, z_e: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(z_st, ids, z_q, codebook_loss, commit_loss)``; ``z_st`` is ``z_q`` with the straight-through
-        gradient to ``z_e``."""
+        """``(z_st, ids, z_q, codebook_loss, commit_loss)``, ``z_st`` being ``z_q`` with a straight-through gradient."""
         ids = self.quantize.nearest(z_e)
         z_q = self.quantize.lookup(ids).to(z_e.dtype)
         z32, q32 = z_e.float(), z_q.float()
-        codebook_loss = F.mse_loss(q32, z32.detach())
-        commit_loss = F.mse_loss(z32, q32.detach())
-        z_st = z_e + (z_q - z_e).detach()
-        return z_st, ids, z_q, codebook_loss, commit_loss
+        return z_e + (z_q - z_e).detach(), ids, z_q, F.mse_loss(q32, z32.detach()), F.mse_loss(z32, q32.detach())
 
     def forward(self, x: Tensor) -> VQOutput:
         z_e = self.encode_latent(x)
         z_st, ids, z_q, codebook_loss, commit_loss = self.quantise(z_e)
         return VQOutput(self.decode_latent(z_st), ids, z_e, z_q, codebook_loss, commit_loss)
 
-    # -- token API ------------------------------------------------------------------------------------
     def prepare(self, images: Tensor | np.ndarray) -> Tensor:
-        """uint8 [N, H, W, C] (tensor or numpy) or float [N, C, H, W] in [-1, 1] -> checked float [N, C, H, W]
-        on the model's device and dtype."""
+        """uint8 [N, H, W, C] (tensor or numpy) or float [N, C, H, W] in [-1, 1] -> checked float on the model's device."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
         c, f = self.config.in_channels, self.downsample_factor
@@ -273,8 +262,7 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def encode_to_ids(self, images: Tensor | np.ndarray, batch_size: int = 64) -> Tensor:
-        """uint8 [N, H, W, 3] or float [N, 3, H, W] in [-1, 1] -> token ids, LongTensor [N, H/f, W/f], on the
-        device of ``images`` (CPU for numpy)."""
+        """Images (as ``prepare`` takes them) -> token ids [N, H/f, W/f] on the device of ``images`` (CPU for numpy)."""
         out_device = images.device if isinstance(images, Tensor) else torch.device("cpu")
         parts = [
             self.quantize.nearest(self.encode_latent(self.prepare(images[s : s + batch_size]))).to(out_device)
@@ -287,8 +275,7 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def decode_ids(self, ids: Tensor | np.ndarray, grid_shape: Sequence[int] | None = None, batch_size: int = 64) -> Tensor:
-        """Token ids [N, h, w], or [N, h*w] with ``grid_shape=(h, w)`` (default ``self.grid_shape``) ->
-        float images [N, 3, h*f, w*f] clamped to [-1, 1], on the device of ``ids``."""
+        """Token ids [N, h, w] or [N, h*w] (``grid_shape``, default ``self.grid_shape``) -> float images in [-1, 1]."""
         ids = torch.as_tensor(ids)
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"token ids must be integers (got {ids.dtype})")
@@ -327,8 +314,7 @@ def codebook_perplexity(counts: Tensor) -> Tensor:
 
 
 def codebook_usage(counts: Tensor) -> dict[str, Any]:
-    """``perplexity``, ``used_fraction`` (codes used at least once), ``n_tokens`` and ``counts`` of the
-    per-code counts (e.g. ``torch.bincount(ids, minlength=n_embed)``), as plain numbers."""
+    """``perplexity``, ``used_fraction`` (codes used at least once), ``n_tokens`` and ``counts`` of per-code counts."""
     counts = counts.detach().double().cpu()
     return {
         "perplexity": float(codebook_perplexity(counts)),

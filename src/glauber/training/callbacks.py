@@ -1,10 +1,8 @@
-"""Training callbacks: throughput, text samples and gen-PPL shared out over DDP ranks, noise-level plots and the
-run banner (what stops a run safely is in guards.py)."""
+"""Training callbacks: throughput, text samples and gen-PPL shared out over DDP ranks, noise-level plots, the run banner."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,12 @@ from lightning.pytorch.loggers import CSVLogger
 from glauber.eval.inference import format_samples
 from glauber.eval.judges import evaluate_texts, load_judge
 from glauber.eval.plots import START_STEP, plot_loss_by_noise
-from glauber.training.guards import hpc_checkpoints
+from glauber.training.guards import hpc_checkpoints, say
 
 
 class Throughput(Callback):
-    """Logs ``train/tokens_per_s`` (all processes together), a rolling average over ``window`` batches,
-    computed by Lightning's ``Throughput``. Not Lightning's ``ThroughputMonitor``: it calls
-    ``torch.cuda.synchronize()`` after every batch, a host sync the training step is built to avoid;
-    here the clock is read at each batch start, which the queued GPU work paces without a sync."""
+    """Logs ``train/tokens_per_s`` (all processes), averaged over ``window`` batches. Not Lightning's
+    ``ThroughputMonitor``, which syncs the GPU after every batch: the clock is read at each batch start instead."""
 
     def __init__(self, window: int = 20) -> None:
         self.window = window
@@ -48,8 +44,7 @@ def rank_share(total: int, rank: int, world: int) -> int:
 
 
 def gather_rows(trainer: L.Trainer, ids: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``[n_r, L]`` token ids, concatenated in rank order, on every rank (CPU). ``n_r`` may
-    differ between ranks (and be 0), so this goes through ``all_gather_object``."""
+    """Every rank's ``[n_r, L]`` token ids in rank order, on every rank (CPU); ``n_r`` may differ (or be 0)."""
     ids = ids.detach().cpu()
     if trainer.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return ids
@@ -59,8 +54,7 @@ def gather_rows(trainer: L.Trainer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def draw_share(pl_module: L.LightningModule, trainer: L.Trainer, total: int, seed: int, options: dict[str, Any]) -> torch.Tensor:
-    """This rank's share of ``total`` samples, drawn with its own seed (``seed + rank``: rank 0 draws what a
-    single process draws), as ``[n_r, L]`` ids on the module's device."""
+    """This rank's share of ``total`` samples as ``[n_r, L]`` ids, seeded ``seed + rank`` (rank 0 draws what one process does)."""
     n = rank_share(total, trainer.global_rank, trainer.world_size)
     if n == 0:
         return torch.empty(0, pl_module.cfg.data.seq_len, dtype=torch.long, device=pl_module.device)
@@ -69,10 +63,8 @@ def draw_share(pl_module: L.LightningModule, trainer: L.Trainer, total: int, see
 
 
 class ValidationSamples(Callback):
-    """At each validation every rank draws its share of ``num_samples`` samples with the EMA weights (rank r
-    with seed ``train.seed + 12345 + r``), the shares are gathered, and rank 0 decodes and writes them all to
-    ``<run_dir>/samples/step_XXXXXXXX.txt`` (also logged as TensorBoard text). One process writes exactly
-    what it always wrote. ``last_ids`` keeps the gathered ids (the same on every rank)."""
+    """At each validation the ranks draw their shares of ``num_samples`` samples (EMA weights), and rank 0 writes them
+    all to ``samples/step_XXXXXXXX.txt`` and TensorBoard; ``last_ids`` keeps the gathered ids (on every rank)."""
 
     def __init__(self, run_dir: str | Path, num_samples: int, sample_options: dict[str, Any]) -> None:
         self.dir = Path(run_dir) / "samples"
@@ -86,11 +78,9 @@ class ValidationSamples(Callback):
         ids = self.last_ids = gather_rows(trainer, mine)  # a collective: every rank gets here
         if not trainer.is_global_zero:
             return
-        dm = trainer.datamodule
-        texts = [dm.decode(row.tolist()) for row in ids]
+        texts = [trainer.datamodule.decode(row.tolist()) for row in ids]
         self.dir.mkdir(parents=True, exist_ok=True)
-        body = format_samples(texts)
-        (self.dir / f"step_{trainer.global_step:08d}.txt").write_text(body)
+        (self.dir / f"step_{trainer.global_step:08d}.txt").write_text(format_samples(texts))
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)
             if hasattr(exp, "add_text"):
@@ -98,12 +88,8 @@ class ValidationSamples(Callback):
 
 
 class GenerativePerplexityEval(Callback):
-    """Every ``every_steps`` optimizer steps each rank draws its share of ``num_samples`` samples (EMA weights,
-    float64 draws, rank r with seed ``train.seed + 999 + r``) and scores them with the judge; the judge's
-    sums are synchronised across ranks, and rank 0 logs ``eval/gen_ppl``, ``eval/gen_ppl_per_seq``, the judge's
-    ``eval/nll_per_byte``, ``eval/bits_per_byte`` and ``eval/ppl_per_byte`` (not swayed by how its tokenizer splits
-    the text) and ``eval/entropy``, and appends the whole report to ``eval/gen_ppl.jsonl``. ``last_report`` is the
-    same on every rank."""
+    """Every ``every_steps`` optimizer steps the ranks draw and score their shares of ``num_samples`` samples; rank 0 logs
+    ``eval/*`` and appends the report to ``eval/gen_ppl.jsonl``. ``last_report`` is the same on every rank."""
 
     def __init__(
         self, run_dir: str | Path, judge: str, every_steps: int, num_samples: int, sample_options: dict[str, Any]
@@ -113,17 +99,14 @@ class GenerativePerplexityEval(Callback):
         self._last = -1
         self.last_report: dict | None = None
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # the same on every rank, so every rank takes part (or none does)
         if step == 0 or step % self.every or step == self._last:
             return
         self._last = step
         judge = load_judge(self.judge_name, str(pl_module.device))
         ids = draw_share(pl_module, trainer, self.num, pl_module.cfg.train.seed + 999, {**self.options, "float64": True})
-        dm = trainer.datamodule
-        texts = [dm.decode(r.tolist()) for r in ids.cpu()]
+        texts = [trainer.datamodule.decode(r.tolist()) for r in ids.cpu()]
         report = self.last_report = evaluate_texts(texts, judge, ids, device=pl_module.device, num_samples=self.num)
         if not trainer.is_global_zero:
             return
@@ -137,10 +120,8 @@ class GenerativePerplexityEval(Callback):
 
 
 class RunInfo(Callback):
-    """At the start of fitting, rank 0 says where the run stands (``[glauber.train] ...`` on stderr: in a SLURM
-    log this shows each requeued job resuming), records the step it starts at beside the CSV metrics of this
-    start (``logs/version_N/start_step``, read by ``merge_metric_logs``), and deletes SLURM ``hpc_ckpt_*.ckpt``
-    files older than the newest one (each is a full checkpoint; Lightning never removes them)."""
+    """At the start of fitting, rank 0 says where the run stands (on stderr), records the start step beside this
+    start's CSV metrics (read by ``merge_metric_logs``) and deletes all but the newest SLURM ``hpc_ckpt_*.ckpt``."""
 
     def __init__(self, run_dir: str | Path, resumed_from: str | Path | None, per_device: int, accumulate: int) -> None:
         self.run_dir, self.resumed_from = Path(run_dir), resumed_from
@@ -151,12 +132,10 @@ class RunInfo(Callback):
             return
         where = f"resumed from {self.resumed_from} at" if self.resumed_from else "starting at"
         W = trainer.world_size
-        print(
-            f"[glauber.train] {where} global step {trainer.global_step} of {trainer.max_steps}; "
+        say(
+            f"{where} global step {trainer.global_step} of {trainer.max_steps}; "
             f"{trainer.num_nodes} node(s) x {trainer.num_devices} device(s) = {W} process(es); global batch "
-            f"{self.per_device * self.accumulate * W} = {self.per_device} per device x {self.accumulate} accumulation x {W}",
-            file=sys.stderr,
-            flush=True,
+            f"{self.per_device * self.accumulate * W} = {self.per_device} per device x {self.accumulate} accumulation x {W}"
         )
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):

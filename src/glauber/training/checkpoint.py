@@ -1,6 +1,4 @@
-"""What keeps a run directory's work safe: checkpoints that are never half-written, the choice of the
-checkpoint a restarted run continues from, the check that it fits the config, the lock that keeps a
-second training out, and moving an old run's files aside instead of deleting them (docs/RELIABILITY.md)."""
+"""A run directory's safety: the checkpoint a restart resumes from, the run lock, old files moved aside (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
@@ -54,8 +52,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def load_lazily(path: str | Path) -> dict:
-    """A checkpoint's contents with its tensors memory-mapped (cheap for any size), or a ``ValueError`` that
-    names the file and why it does not load (truncated, not a checkpoint...)."""
+    """A checkpoint's contents, tensors memory-mapped (cheap at any size), or a ``ValueError`` saying why it does not load."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means the same thing here: unusable
@@ -106,18 +103,16 @@ class CheckpointScan:
             lines.append("checkpoints/last.ckpt is missing")
         elif self.last in self.steps and self.last != chosen:
             lines.append(f"checkpoints/last.ckpt is older (global step {self.steps[self.last]})")
-        lines += [why for why in self.unreadable.values()]
+        lines += self.unreadable.values()
         return "; ".join(lines)
 
 
 def scan_checkpoints(run_dir: str | Path) -> CheckpointScan:
-    """Read the global step of every checkpoint a restarted run could continue from (memory-mapped: fast
-    for large checkpoints). A step checkpoint whose ``last.ckpt`` was never written (killed between the
-    two) counts like any other."""
+    """The global step of every checkpoint a restarted run could continue from (a step checkpoint whose ``last.ckpt``
+    was never written counts like any other)."""
     run_dir = Path(run_dir)
     scan = CheckpointScan(run_dir)
-    files = [scan.last, *sorted((run_dir / "checkpoints").glob("step*.ckpt")), *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
-    for path in files:
+    for path in [scan.last, *sorted((run_dir / "checkpoints").glob("step*.ckpt")), *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]:
         if not path.is_file():
             continue
         try:
@@ -133,12 +128,8 @@ class RunDirLocked(ValueError):
 
 @contextmanager
 def run_lock(run_dir: Path, owner: bool) -> Iterator[None]:
-    """Hold ``<run_dir>/.lock`` (``fcntl.flock``) while the block runs; refuse if another process holds it.
-
-    Only the ``owner`` takes it: the global rank 0, i.e. the launching process (the lock is not inherited
-    by the processes Lightning starts for other devices). The kernel releases it when its process ends,
-    however it ends (kill -9, a node reboot's end of the process, SLURM's requeue), so it is never left stuck.
-    On a filesystem without ``flock`` support (some Lustre mounts) the run goes on unlocked, with a warning."""
+    """Hold ``<run_dir>/.lock`` (``fcntl.flock``, which the kernel releases however the process ends) while the block runs;
+    only the ``owner`` (global rank 0) takes it. Without ``flock`` support (some Lustre mounts) the run goes on unlocked."""
     if not owner:
         yield
         return
@@ -172,11 +163,9 @@ def run_history(run_dir: Path) -> list[Path]:
 
 
 def move_aside(run_dir: Path, paths: list[Path]) -> Path:
-    """Move ``paths`` (inside ``run_dir``) to ``<run_dir>/previous/<timestamp>/``, keeping their relative
-    paths; returns that folder. Nothing is deleted."""
+    """Move ``paths`` (inside ``run_dir``) to ``<run_dir>/previous/<timestamp>/`` keeping their relative paths; returns it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = run_dir / "previous" / stamp
-    n = 1
+    dest, n = run_dir / "previous" / stamp, 1
     while dest.exists():
         dest, n = run_dir / "previous" / f"{stamp}-{n}", n + 1
     for p in paths:

@@ -1,5 +1,4 @@
-"""What stops a run without losing work: a non-finite loss or weights, SIGINT/SIGTERM and SLURM's warning
-signal, each acted on between optimizer steps only, at the same point on every rank."""
+"""What stops a run without losing work: a non-finite loss or weights, SIGINT/SIGTERM and SLURM's warning signal."""
 
 from __future__ import annotations
 
@@ -42,19 +41,18 @@ def hpc_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 class AtStepBoundary(Callback):
-    """Base of callbacks that act between optimizer steps only, never mid-accumulation (where the data
-    position and the noise counter are a micro-batch ahead of the weights): ``on_step_boundary`` runs once
-    per optimizer step, at the same point on every rank."""
+    """Base of callbacks that act between optimizer steps only: ``on_step_boundary`` runs once per optimizer step,
+    at the same point on every rank. A signal handler only sets a flag, which the ranks combine here (one small
+    collective), so a checkpoint is never taken mid-step or mid-accumulation (where the data position and the noise
+    counter are a micro-batch ahead of the weights) and a run resumed from it equals an uninterrupted one."""
 
     _step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self._step:  # mid-accumulation (same on every rank): wait for the optimizer step
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._step:  # mid-accumulation (same on every rank)
             return
         self._step = trainer.global_step
         self.on_step_boundary(trainer, pl_module)
@@ -64,18 +62,9 @@ class AtStepBoundary(Callback):
 
 
 class SlurmRequeue(AtStepBoundary):
-    """SLURM's warning before the time limit (``sbatch --signal=SIGUSR1@90``) or ``scancel --signal=USR1``:
-    at the end of the optimizer step in progress, all ranks together save ``<run_dir>/hpc_ckpt_N.ckpt``,
-    rank 0 runs ``scontrol requeue``, and training stops; the requeued job (same script, same run
-    directory) resumes from that checkpoint through ``train.resume=auto``.
-
-    It replaces Lightning's own SIGUSR1 handler (``SLURMEnvironment(auto_requeue=False)``), which saves from
-    inside the signal handler wherever the step happens to be: mid-step the data position and the noise
-    counter are already one micro-batch ahead of the weights (mid-accumulation, part of the gradient is
-    lost too), and its save starts a collective at an arbitrary point. Here the handler only sets a flag;
-    the flag is combined over ranks once per optimizer step (one 1-element all-reduce), so the checkpoint
-    is the same kind as ``last.ckpt`` and the resumed run equals an uninterrupted one.
-    """
+    """SLURM's warning before the time limit (``sbatch --signal=SIGUSR1@90``): at the end of the optimizer step,
+    save ``<run_dir>/hpc_ckpt_N.ckpt``, ``scontrol requeue`` and stop; the requeued job resumes from it. Replaces
+    Lightning's SIGUSR1 handler (``auto_requeue=False``), which saves from inside the handler, wherever the step is."""
 
     def __init__(self, run_dir: str | Path, signum: int = signal.SIGUSR1) -> None:
         self.run_dir, self.signum = Path(run_dir), signum
@@ -109,12 +98,8 @@ class SlurmRequeue(AtStepBoundary):
                 ok, why = done.returncode == 0, (done.stderr or done.stdout).strip()
             except (OSError, subprocess.SubprocessError) as e:
                 ok, why = False, str(e)
-            print(
-                f"[glauber.slurm] step {trainer.global_step}: saved {path}; "
-                + (f"requeued job {job}, stopping" if ok else f"scontrol requeue {job} failed ({why}): training on"),
-                file=sys.stderr,
-                flush=True,
-            )
+            outcome = f"requeued job {job}, stopping" if ok else f"scontrol requeue {job} failed ({why}): training on"
+            print(f"[glauber.slurm] step {trainer.global_step}: saved {path}; {outcome}", file=sys.stderr, flush=True)
         if trainer.strategy.broadcast(ok, src=0):
             trainer.should_stop = True
             trainer.limit_val_batches = 0  # no final validation on the way out (Lightning runs one on should_stop)
@@ -125,13 +110,8 @@ class TrainingDiverged(ValueError):
 
 
 class DivergenceGuard(Callback):
-    """Stops the run at the first non-finite training or validation loss, and before non-finite weights reach
-    a checkpoint.
-
-    The losses of an optimizer step's micro-batches are checked at its end (one host sync per step; the ranks
-    agree through a one-element all-reduce), the validation loss before the checkpoints taken at validation,
-    and the weights whenever a checkpoint is about to be written (all ranks take part). Each raises
-    ``TrainingDiverged``, so no later checkpoint, ``last.ckpt`` included, holds the diverged state."""
+    """Raises ``TrainingDiverged`` at the first non-finite training loss (checked once per optimizer step: one host
+    sync) or validation loss, and before non-finite weights reach a checkpoint, so no checkpoint holds that state."""
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
@@ -182,14 +162,9 @@ class DivergenceGuard(Callback):
 
 
 class StopOnSignal(AtStepBoundary):
-    """SIGINT (Ctrl+C) or SIGTERM (``kill``, ``docker stop``, ``scancel``): finish the optimizer step in
-    progress, save ``last.ckpt``, and stop; ``train`` then exits with 128 + the signal's number (130, 143).
-    A second signal stops at once, without saving (KeyboardInterrupt).
-
-    The handlers are installed at ``on_train_start``, after Lightning's own SIGTERM handler (which would end
-    the run with exit code 0 and nothing saved), and put back at the end. As in ``SlurmRequeue``, the
-    handler only sets a flag; the ranks agree on it once per optimizer step (a one-element all-reduce), so
-    ``last.ckpt`` is taken between steps and a resumed run equals an uninterrupted one."""
+    """SIGINT or SIGTERM: finish the optimizer step, save ``last.ckpt`` and stop (``train`` exits 128 + the signal's
+    number); a second signal stops at once, unsaved. Installed at ``on_train_start``, after Lightning's own SIGTERM
+    handler (which would end the run with exit code 0 and nothing saved)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -211,18 +186,14 @@ class StopOnSignal(AtStepBoundary):
             "then stopping (send it again to stop at once, without saving)\n".encode(),
         )
 
-    def _restore(self) -> None:
-        self._previous = restore_handlers(self._previous)
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._previous = install_handlers(self.SIGNALS, self._on_signal)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+    def _restore(self, *args: Any) -> None:
+        self._previous = restore_handlers(self._previous)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
+    on_train_end = on_exception = _restore
 
     def on_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signum = self.received

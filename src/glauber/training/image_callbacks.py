@@ -1,5 +1,4 @@
-"""Training callbacks of image runs: a decoded sample grid (with an infilling row) at every
-validation, and FID on N samples every K steps."""
+"""Training callbacks of image runs: a sample grid (with infilling rows) at every validation, FID every K steps."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ def _images(trainer: L.Trainer, pl_module: Any) -> CheckpointImages:
 
 
 class ImageSamples(Callback):
-    """At each validation rank 0 writes ``<run_dir>/samples/step_XXXXXXXX.png``: unconditional samples,
-    then rows of (real, masked input, infilled) validation images."""
+    """At each validation rank 0 writes ``samples/step_XXXXXXXX.png``: samples, then real, masked and infilled images."""
 
     def __init__(self, run_dir: str | Path, num_samples: int, options: dict[str, Any], region: str = "center", n_infill: int = 8):
         self.dir = Path(run_dir) / "samples"
@@ -61,8 +59,8 @@ class ImageSamples(Callback):
 
 
 class FIDEval(Callback):
-    """Every ``every_steps`` optimizer steps rank 0 samples ``num_samples`` images (EMA weights),
-    decodes them and logs ``eval/fid`` against ``image.fid_reference`` (also appended to ``eval/fid.jsonl``)."""
+    """Every ``every_steps`` optimizer steps rank 0 logs ``eval/fid`` of ``num_samples`` samples (EMA weights) against
+    ``image.fid_reference``, also appended to ``eval/fid.jsonl``."""
 
     def __init__(self, run_dir: str | Path, every_steps: int, num_samples: int, image_cfg: Any, options: dict[str, Any]):
         self.dir = Path(run_dir) / "eval"
@@ -77,17 +75,11 @@ class FIDEval(Callback):
         if not trainer.is_global_zero:
             return
         imgs = _images(trainer, pl_module)
-        reference = self.image_cfg.fid_reference or trainer.datamodule.cfg.source
-        ids = imgs.sample_ids(
-            self.num, batch_size=min(self.num, 256), seed=pl_module.cfg.train.seed + step, progress=False, **self.options
-        )  # sample() swaps the EMA weights in
-        res = compute_fid(
-            imgs.decode(ids),
-            reference,
-            route=self.image_cfg.fid_route,
-            device=pl_module.device,
-            image_size=trainer.datamodule.cfg.image_size,
-        )
+        data = trainer.datamodule.cfg
+        seed = pl_module.cfg.train.seed + step
+        ids = imgs.sample_ids(self.num, batch_size=min(self.num, 256), seed=seed, progress=False, **self.options)
+        reference, route = self.image_cfg.fid_reference or data.source, self.image_cfg.fid_route
+        res = compute_fid(imgs.decode(ids), reference, route=route, device=pl_module.device, image_size=data.image_size)
         pl_module.log("eval/fid", float(res["fid"]), rank_zero_only=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         with (self.dir / "fid.jsonl").open("a") as f:

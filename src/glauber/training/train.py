@@ -1,14 +1,6 @@
-"""Build the DataModule, LightningModule and Trainer from a config, and fit (resuming when asked).
-
-Runs the same way on one process, on several local GPUs (the Trainer launches them), under ``torchrun``
-and under SLURM's ``srun`` (one task per GPU; see ``glauber slurm`` and docs/SCALING.md): every process
-calls ``train``, rank 0 alone writes files, and the process group is closed at the end.
-
-A run never loses work (docs/RELIABILITY.md): rank 0 holds the run directory's lock for the whole run,
-a restart continues from the newest checkpoint that loads, an older run's files are moved aside rather
-than deleted (and only once the new run is about to start), SIGINT/SIGTERM save ``last.ckpt`` before
-stopping, and a diverged run stops before a non-finite state reaches a checkpoint.
-"""
+"""Build the DataModule, LightningModule and Trainer from a config and fit, the same on one process, several local GPUs,
+``torchrun`` or ``srun`` (every process calls ``train``; rank 0 alone writes files). A run never loses work: rank 0 holds
+the run lock, a restart resumes from the newest checkpoint that loads, old files are moved aside (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
@@ -48,9 +40,7 @@ def world_size(cfg: DictConfig) -> int:
     """Processes in the run: devices per node x nodes (``auto`` devices = visible GPUs, or 1 on CPU)."""
     devices = cfg.train.devices
     if devices in ("auto", -1, "-1"):
-        accel = cfg.train.accelerator
-        gpus = torch.cuda.device_count() if accel in ("auto", "gpu", "cuda") else 0
-        devices = gpus or 1
+        devices = (torch.cuda.device_count() if cfg.train.accelerator in ("auto", "gpu", "cuda") else 0) or 1
     elif isinstance(devices, str):
         devices = len(devices.split(",")) if "," in devices else int(devices)
     elif not isinstance(devices, int):
@@ -72,10 +62,6 @@ def build_datamodule(cfg: DictConfig, per_device: int, accumulate: int) -> L.Lig
     return datamodule(
         OmegaConf.to_object(cfg.data), batch_size=per_device, max_train_samples=cfg.train.max_steps * accumulate * per_device
     )
-
-
-def sample_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    return MODALITIES[cfg.get("modality", "text")][1](cfg, run_dir)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -110,7 +96,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
             dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False
         ),
         Throughput(),
-        *sample_callbacks(cfg, run_dir),
+        *MODALITIES[cfg.get("modality", "text")][1](cfg, run_dir),
         LossByNoisePlot(run_dir),
         *(extra_callbacks or []),
     ]
@@ -120,8 +106,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
         )
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
-        # SLURM's SIGUSR1 is handled at step boundaries by SlurmRequeue, not inside Lightning's signal handler
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # SIGUSR1 is SlurmRequeue's, at step boundaries
         callbacks.append(SlurmRequeue(run_dir))
     loggers = build_loggers(cfg, run_dir)
     if loggers:
@@ -151,13 +136,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accumulate: int, extra_callbac
 
 
 def resume_path(cfg: DictConfig, run_dir: Path, scan: CheckpointScan | None = None) -> Path | None:
-    """The checkpoint to continue from: ``auto`` = ``scan``'s newest checkpoint that loads (None on a first
-    start: we never pass Lightning's ``"hpc"``, which fails when there is none yet); ``never`` = None; else
-    the given path, which must load."""
+    """The checkpoint to continue from: ``auto`` = ``scan``'s newest that loads (None on a first start: never
+    Lightning's ``"hpc"``, which fails when there is none); ``never`` = None; else the given path, which must load."""
     mode = cfg.train.resume
     if mode == "never":
         if SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt")):
-            # Under SLURM, Lightning itself resumes from these when given no checkpoint: refuse instead.
             raise ValueError(
                 f"train.resume=never, but {run_dir} holds SLURM hpc_ckpt_*.ckpt files that Lightning would resume "
                 "from by itself: use a new train.run_dir, or move them out of it"
@@ -179,9 +162,8 @@ def resume_path(cfg: DictConfig, run_dir: Path, scan: CheckpointScan | None = No
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path, ckpt: Path | None, scan: CheckpointScan | None) -> None:
-    """Rank 0, holding the lock, with the config checked and the run about to start: delete partial files
-    left by killed writes, move aside what this run must not continue (an earlier run's files when starting
-    from scratch, checkpoints that do not load), say what it resumes from and why, write config.yaml."""
+    """Rank 0, holding the lock, the run about to start: delete partial files of killed writes, move aside what
+    this run must not continue (an earlier run's files, checkpoints that do not load), write config.yaml."""
     removed = remove_partial_files(run_dir, run_dir / "checkpoints")
     if removed:
         say(f"deleted {len(removed)} partial file(s) left by a killed checkpoint write: {', '.join(p.name for p in removed)}")
@@ -217,42 +199,31 @@ def cpu_threads(n: int) -> Iterator[None]:
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> Path:
     """Fit a model as configured; returns the run directory. Raises ``SystemExit(128 + signal)`` after a
     SIGINT/SIGTERM stop (``last.ckpt`` saved), ``TrainingDiverged`` on a non-finite loss or weights."""
-    with cpu_threads(cfg.train.threads):
-        return _fit(cfg, extra_callbacks)
-
-
-def _fit(cfg: DictConfig, extra_callbacks: list | None) -> Path:
     run_dir = Path(cfg.train.run_dir)
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    per_device, accumulate = batch_layout(cfg.train.global_batch_size, world_size(cfg), cfg.train.micro_batch_size)
-    scan = scan_checkpoints(run_dir) if cfg.train.resume == "auto" else None
-    ckpt = resume_path(cfg, run_dir, scan)
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    if ckpt is not None:
-        check_compatible(ckpt, container)
-    dm = build_datamodule(cfg, per_device, accumulate)
-    # Every process checks: missing data stops all of them here, in seconds, with what to do (none is left
-    # waiting for a peer that has exited).
-    dm.check_available()
-    stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")
-    guards = [RunInfo(run_dir, ckpt, per_device, accumulate), stop, DivergenceGuard(cfg.optim.lr)]
-    trainer = build_trainer(cfg, run_dir, accumulate, [*guards, *(extra_callbacks or [])])
-    # the rank is known before fit under srun, torchrun and Lightning's own launcher
-    with run_lock(run_dir, owner=trainer.is_global_zero):
-        module = method_class(cfg.method)(container)
-        if trainer.is_global_zero:
-            prepare_run_dir(cfg, run_dir, ckpt, scan)
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-        if trainer.is_global_zero and merge_metric_logs(run_dir / "logs"):
-            plot_loss_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "loss.png")
-    close_distributed()
-    if stop.stopped_by:
-        raise SystemExit(128 + stop.stopped_by)
+    with cpu_threads(cfg.train.threads):
+        L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        per_device, accumulate = batch_layout(cfg.train.global_batch_size, world_size(cfg), cfg.train.micro_batch_size)
+        scan = scan_checkpoints(run_dir) if cfg.train.resume == "auto" else None
+        ckpt = resume_path(cfg, run_dir, scan)
+        container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        if ckpt is not None:
+            check_compatible(ckpt, container)
+        dm = build_datamodule(cfg, per_device, accumulate)
+        dm.check_available()  # on every process: missing data stops all of them here, none waits for an exited peer
+        stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")
+        guards = [RunInfo(run_dir, ckpt, per_device, accumulate), stop, DivergenceGuard(cfg.optim.lr)]
+        trainer = build_trainer(cfg, run_dir, accumulate, [*guards, *(extra_callbacks or [])])
+        # the rank is known before fit under srun, torchrun and Lightning's own launcher
+        with run_lock(run_dir, owner=trainer.is_global_zero):
+            module = method_class(cfg.method)(container)
+            if trainer.is_global_zero:
+                prepare_run_dir(cfg, run_dir, ckpt, scan)
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+            if trainer.is_global_zero and merge_metric_logs(run_dir / "logs"):
+                plot_loss_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "loss.png")
+        # left to interpreter exit, NCCL/gloo teardown sometimes aborts (exit 134) after a run that finished
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if stop.stopped_by:
+            raise SystemExit(128 + stop.stopped_by)
     return run_dir
-
-
-def close_distributed() -> None:
-    """Destroy the process group when one was set up: left to interpreter exit, NCCL/gloo teardown sometimes
-    aborts (``terminate called without an active exception``, exit 134) after a run that finished."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -1,6 +1,5 @@
-"""``glauber train-vq``: the configuration, the held-out split and the outputs of training a small VQ image
-tokenizer (``VQTrainModule`` has the loss). Writes ``vq.ckpt``, ``recon.png``, ``metrics.csv``,
-``config.yaml`` and ``summary.json`` to ``run_dir``."""
+"""``glauber train-vq``: the config, held-out split and outputs of training a small VQ image tokenizer (the loss is
+``VQTrainModule``'s): ``vq.ckpt``, ``recon.png``, ``metrics.csv``, ``config.yaml`` and ``summary.json`` in ``run_dir``."""
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.images import load_images
@@ -28,12 +28,9 @@ from glauber.training.vq_module import VQTrainModule
 
 @dataclass
 class VQTrainConfig:
-    """The keys of a ``glauber train-vq`` config.
-
-    data: a ``.npz`` of ``images`` uint8 [N, H, W, 3] or an image folder. image_size: None = ``vq.resolution``
-    (must equal it). codebook_ema: 0 = the codebook learns by its loss, else EMA updates with this decay.
-    dead_code_every: re-seed codes unused for this many steps (0: never, after the first-batch seeding).
-    """
+    """The keys of a ``glauber train-vq`` config. data: a ``.npz`` of ``images`` uint8 [N, H, W, 3] or an image folder.
+    image_size: None = ``vq.resolution`` (must equal it). codebook_ema: 0 = the codebook learns by its loss, else EMA
+    updates with this decay. dead_code_every: re-seed codes unused for this many steps (0: never, after step 0)."""
 
     name: str = "vq"
     vq: VQConfig = field(default_factory=VQConfig)
@@ -65,11 +62,10 @@ class VQTrainConfig:
     log_every_steps: int = 25
     num_recon: int = 16
     num_workers: int = 0
-    threads: int = 0  # CPU threads of PyTorch (0: its default); 1 is far faster for tiny models on a small or busy CPU
+    threads: int = 0  # PyTorch's CPU threads (0: its default); 1 is far faster for tiny models on a small or busy CPU
     progress_bar: bool = True
 
 
-# -- configuration ----------------------------------------------------------------------------------------
 def load_vq_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Merge a YAML file (over its ``base:`` files) and ``key=value`` overrides onto ``VQTrainConfig``, then validate."""
     raw, overrides = read_config(path, overrides, "e.g. experiments/vq_emoji.yaml")
@@ -114,7 +110,6 @@ def validate_vq_train(cfg: DictConfig) -> None:
         raise ValueError("l1_weight and mse_weight are both 0: no reconstruction loss")
 
 
-# -- data -------------------------------------------------------------------------------------------------
 def load_image_array(cfg: DictConfig) -> np.ndarray:
     """uint8 [N, image_size, image_size, 3] from ``cfg.data`` (``data_modules.images.load_images``)."""
     try:
@@ -132,13 +127,6 @@ def split_images(images: np.ndarray, val_fraction: float, seed: int) -> tuple[np
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     perm = np.random.default_rng(seed).permutation(n)
     return images[np.sort(perm[n_val:])], images[perm[:n_val]]
-
-
-# -- outputs ------------------------------------------------------------------------------------------------
-def save_recon_grid(originals: np.ndarray, recons: np.ndarray, path: Path, cols: int = 16) -> None:
-    """Rows of originals, each followed by the row of their reconstructions, enlarged to about 64 px."""
-    rows = [r for k in range(0, len(originals), cols) for r in (originals[k : k + cols], recons[k : k + cols])]
-    save_grid(fill_rows(rows), path, ncol=len(rows[0]), scale=max(1, 64 // max(originals.shape[1:3])))
 
 
 class VQArtifacts(Callback):
@@ -160,80 +148,75 @@ class VQArtifacts(Callback):
             step=trainer.global_step,
             val_metrics={k: v for k, v in stats.items() if k.startswith("val/")},
         )
-        if pl_module.recon_pair is not None:
-            orig, rec = pl_module.recon_pair
-            save_recon_grid(orig.numpy(), rec.numpy(), self.run_dir / "recon.png")
+        if pl_module.recon_pair is not None:  # rows of 16 originals, each followed by their reconstructions, ~64 px
+            orig, rec = (t.numpy() for t in pl_module.recon_pair)
+            rows = [r for k in range(0, len(orig), 16) for r in (orig[k : k + 16], rec[k : k + 16])]
+            scale = max(1, 64 // max(orig.shape[1:3]))
+            save_grid(fill_rows(rows), self.run_dir / "recon.png", ncol=len(rows[0]), scale=scale)
 
 
-# -- the command ----------------------------------------------------------------------------------------------
 def train_vq(cfg: DictConfig) -> Path:
     """Fit a VQ tokenizer as configured; returns the run directory (holding vq.ckpt, recon.png, metrics.csv)."""
     with cpu_threads(cfg.threads):
-        return _fit_vq(cfg)
-
-
-def _fit_vq(cfg: DictConfig) -> Path:
-    from lightning.pytorch.loggers import CSVLogger
-
-    run_dir = Path(cfg.run_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    train_images, val_images = split_images(load_image_array(cfg), cfg.val_fraction, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
-    train_loader = torch.utils.data.DataLoader(
-        torch.from_numpy(train_images),  # a tensor is a map-style dataset of its rows
-        batch_size=min(cfg.batch_size, len(train_images)),
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
-    val_loader = torch.utils.data.DataLoader(torch.from_numpy(val_images), batch_size=max(cfg.batch_size, cfg.num_recon))
-    module = VQTrainModule(cfg)
-    trainer = L.Trainer(
-        default_root_dir=str(run_dir),
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,
-        max_steps=cfg.max_steps,
-        val_check_interval=cfg.val_every_steps,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        log_every_n_steps=cfg.log_every_steps,
-        enable_progress_bar=cfg.progress_bar,
-        enable_checkpointing=False,
-        enable_model_summary=cfg.progress_bar,
-        gradient_clip_val=cfg.grad_clip or None,
-        logger=CSVLogger(str(run_dir), name="", version=""),
-        callbacks=[VQArtifacts(run_dir)],
-    )
-    n_params = sum(p.numel() for p in module.model.parameters())
-    print(
-        f"train-vq: {len(train_images)} train / {len(val_images)} held-out images of {cfg.image_size}px -> "
-        f"{module.model.grid_shape[0]}x{module.model.grid_shape[1]} tokens, codebook {cfg.vq.n_embed}, "
-        f"{n_params / 1e6:.2f}M parameters"
-    )
-    # metrics.csv sits beside config.yaml (and replaces that of an earlier run): not worth a warning
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-    t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
-    train_s = time.perf_counter() - t0
-    trainer.validate(module, dataloaders=val_loader, verbose=False)  # final numbers, vq.ckpt and recon.png
-    if trainer.is_global_zero:
-        s, u = module.val_stats, module.val_stats["codebook_usage"]
-        summary = {
-            "steps": trainer.global_step,
-            "train_s": round(train_s, 1),
-            "val_mse": s["val/mse"],
-            "val_psnr_db": s["val/psnr"],
-            "codebook_size": cfg.vq.n_embed,
-            "codebook_perplexity": u["perplexity"],
-            "codes_used_fraction": u["used_fraction"],
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(
-            f"train-vq: {trainer.global_step} steps in {train_s:.0f} s; held-out MSE {s['val/mse']:.4f} ([-1, 1] pixels), PSNR "
-            f"{s['val/psnr']:.2f} dB, codebook perplexity {u['perplexity']:.1f}, {100 * u['used_fraction']:.1f}% of codes used"
+        run_dir = Path(cfg.run_dir)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        train_images, val_images = split_images(load_image_array(cfg), cfg.val_fraction, cfg.seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        train_loader = torch.utils.data.DataLoader(
+            torch.from_numpy(train_images),  # a tensor is a map-style dataset of its rows
+            batch_size=min(cfg.batch_size, len(train_images)),
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
         )
-    return run_dir
+        val_loader = torch.utils.data.DataLoader(torch.from_numpy(val_images), batch_size=max(cfg.batch_size, cfg.num_recon))
+        module = VQTrainModule(cfg)
+        trainer = L.Trainer(
+            default_root_dir=str(run_dir),
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            precision=cfg.precision,
+            max_steps=cfg.max_steps,
+            val_check_interval=cfg.val_every_steps,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            log_every_n_steps=cfg.log_every_steps,
+            enable_progress_bar=cfg.progress_bar,
+            enable_checkpointing=False,
+            enable_model_summary=cfg.progress_bar,
+            gradient_clip_val=cfg.grad_clip or None,
+            logger=CSVLogger(str(run_dir), name="", version=""),
+            callbacks=[VQArtifacts(run_dir)],
+        )
+        print(
+            f"train-vq: {len(train_images)} train / {len(val_images)} held-out images of {cfg.image_size}px -> "
+            f"{module.model.grid_shape[0]}x{module.model.grid_shape[1]} tokens, codebook {cfg.vq.n_embed}, "
+            f"{sum(p.numel() for p in module.model.parameters()) / 1e6:.2f}M parameters"
+        )
+        # metrics.csv sits beside config.yaml (and replaces that of an earlier run): not worth a warning
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        t0 = time.perf_counter()
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+        train_s = time.perf_counter() - t0
+        trainer.validate(module, dataloaders=val_loader, verbose=False)  # final numbers, vq.ckpt and recon.png
+        if trainer.is_global_zero:
+            s, u = module.val_stats, module.val_stats["codebook_usage"]
+            summary = {
+                "steps": trainer.global_step,
+                "train_s": round(train_s, 1),
+                "val_mse": s["val/mse"],
+                "val_psnr_db": s["val/psnr"],
+                "codebook_size": cfg.vq.n_embed,
+                "codebook_perplexity": u["perplexity"],
+                "codes_used_fraction": u["used_fraction"],
+            }
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            print(
+                f"train-vq: {trainer.global_step} steps in {train_s:.0f} s; held-out MSE {s['val/mse']:.4f} ([-1, 1] pixels), "
+                f"PSNR {s['val/psnr']:.2f} dB, codebook perplexity {u['perplexity']:.1f}, "
+                f"{100 * u['used_fraction']:.1f}% of codes used"
+            )
+        return run_dir

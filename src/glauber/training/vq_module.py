@@ -1,8 +1,5 @@
-"""The LightningModule of ``glauber train-vq``: L1/MSE reconstruction + ``beta`` x commitment loss, the
-codebook learnt by its loss or by EMA (``codebook_ema``), straight-through gradients to the encoder. No
-perceptual or adversarial loss: a small VQ-VAE-style tokenizer, not taming's full VQGAN recipe. Codes
-start from encoder outputs of the first batch; every ``dead_code_every`` steps unused ("dead") codes are
-re-seeded from the current batch."""
+"""The LightningModule of ``glauber train-vq``: L1/MSE reconstruction + ``beta`` x commitment loss, the codebook learnt by
+its loss or by EMA (``codebook_ema``), unused codes re-seeded; no perceptual or adversarial loss (not taming's VQGAN)."""
 
 from __future__ import annotations
 
@@ -60,14 +57,11 @@ class VQTrainModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU; same state dict
 
-    # -- codebook maintenance -----------------------------------------------------------------------
     @torch.no_grad()
     def reseed_dead_codes(self, z_e: Tensor, step: int) -> Tensor:
-        """Give the codes unused for ``dead_code_every`` steps (all at the first step) random encoder outputs of
-        this batch; returns their indices."""
-        window = max(1, int(self.cfg.dead_code_every))
-        dead = (step - self.last_used) >= window
-        idx = dead.nonzero().squeeze(1)
+        """Give the codes unused for ``dead_code_every`` steps (all at step 0) random encoder outputs of this batch;
+        returns their indices."""
+        idx = ((step - self.last_used) >= max(1, int(self.cfg.dead_code_every))).nonzero().squeeze(1)
         if idx.numel() == 0:
             return idx
         flat = _vectors(z_e)
@@ -93,12 +87,10 @@ class VQTrainModule(L.LightningModule):
         sums = self._reduce(torch.zeros_like(self.ema_sum).index_add_(0, ids.reshape(-1), _vectors(z_e)))
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
-        n, eps = self.ema_count.numel(), 1e-5
-        total = self.ema_count.sum()
+        n, eps, total = self.ema_count.numel(), 1e-5, self.ema_count.sum()
         smoothed = (self.ema_count + eps) / (total + n * eps) * total  # Laplace smoothing keeps empty codes finite
         self.codebook.copy_((self.ema_sum / smoothed[:, None]).to(self.codebook.dtype))
 
-    # -- training -------------------------------------------------------------------------------------
     def compute_loss(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """One training step's loss on float images ``x`` (also does the codebook maintenance of ``step``)."""
         c = self.cfg
@@ -132,8 +124,7 @@ class VQTrainModule(L.LightningModule):
         return loss, stats
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        step = self.global_step
-        loss, stats = self.compute_loss(self.to_float(batch, augment=True), step)
+        loss, stats = self.compute_loss(self.to_float(batch, augment=True), self.global_step)
         bs = batch.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         for k, v in stats.items():
@@ -149,7 +140,6 @@ class VQTrainModule(L.LightningModule):
             groups.append({"params": codebook, "weight_decay": 0.0})  # decay would pull the codes to 0
         return adamw_with_schedule(groups, c, c.max_steps)
 
-    # -- validation: held-out reconstruction error and codebook usage -----------------------------------
     def on_validation_epoch_start(self) -> None:
         shapes = {"abs": (), "sq": (), "pixels": (), "counts": (self.cfg.vq.n_embed,)}
         self._val = {k: torch.zeros(shape, device=self.device, dtype=torch.float64) for k, shape in shapes.items()}
