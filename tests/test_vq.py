@@ -282,6 +282,7 @@ def test_codebook_usage():
         (["vq.chh=3"], "unknown config key 'vq.chh'"),
         (["epochs=3"], "unknown config key 'epochs'"),
         (["max_steps=lots"], "bad value for config key 'max_steps'"),
+        (["lr_schedule=linear"], "bad value for config key 'lr_schedule'"),
         (["vq.ch=20"], "multiple of vq.norm_groups=16"),
         (["image_size=64"], "image_size=64 differs from vq.resolution=32"),
         (["val_fraction=0"], "val_fraction must be in"),

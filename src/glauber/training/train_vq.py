@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.images import load_images
-from glauber.config import merge_typed, read_config
+from glauber.config import LrSchedule, merge_typed, read_config
 from glauber.eval.images import fill_rows, save_grid
 from glauber.nn.vq_checkpoint import save_vq
 from glauber.nn.vq_config import VQConfig
@@ -44,7 +44,7 @@ class VQTrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
     warmup_steps: int = 50
-    lr_schedule: str = "cosine"
+    lr_schedule: LrSchedule = LrSchedule.cosine
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     max_steps: int = 2000
@@ -94,7 +94,6 @@ def validate_vq_train(cfg: DictConfig) -> None:
         ("l1_weight", cfg.l1_weight >= 0, ">= 0"),
         ("mse_weight", cfg.mse_weight >= 0, ">= 0"),
         ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
-        ("lr_schedule", cfg.lr_schedule in ("constant", "cosine"), "constant or cosine"),
         ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
         ("grad_clip", cfg.grad_clip >= 0, ">= 0 (0: off)"),
         ("val_every_steps", cfg.val_every_steps >= 1, ">= 1"),
@@ -142,7 +141,7 @@ class VQArtifacts(Callback):
         save_vq(
             self.run_dir / "vq.ckpt",
             pl_module.model,
-            train_config=OmegaConf.to_container(pl_module.cfg, resolve=True),
+            train_config=OmegaConf.to_container(pl_module.cfg, resolve=True, enum_to_str=True),
             codebook_usage=stats.get("codebook_usage"),
             image_size=int(pl_module.cfg.image_size),
             step=trainer.global_step,

@@ -21,7 +21,7 @@ class VQTrainModule(L.LightningModule):
 
     def __init__(self, cfg: dict | DictConfig) -> None:
         super().__init__()
-        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else cfg
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = OmegaConf.create(cfg)
         self.model = VQModel(VQConfig(**cfg["vq"]))
