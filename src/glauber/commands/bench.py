@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from glauber.commands.args import device_of
 from glauber.commands.bench_gpu import device_name, run_gpu_suite, run_sampling_suite, say, write_gpu_report
 from glauber.commands.bench_overhead import run_overhead
 from glauber.config import load_config
@@ -266,7 +267,7 @@ COLUMNS = {
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device_of(args))
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.sample_calls < 1:
         raise ValueError("--steps, --repeats and --sample-calls must be >= 1 and --warmup >= 0")
     if args.suite != "memory":

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from glauber.commands.args import device_of
 from glauber.config import load_config
 from glauber.core.sampler import _reverse_steps
 from glauber.eval.peak_memory import PeakMemory
@@ -168,7 +169,7 @@ def _row(kind: str, target: str, size: str, compile_mode: str, skipped: str | No
 
 def run_gpu_suite(args: argparse.Namespace) -> dict[str, Any]:
     """The rows of the GPU report (training, sampler) for small and medium, eager and compiled."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device_of(args))
     tiny = args.tiny or device.type != "cuda"
     config = args.config[0] if args.config else "experiments/owt.yaml"
     L, B, V = (TINY["seq_len"], TINY["batch"], TINY["vocab"]) if tiny else (args.seq_len, args.batch, args.vocab)
@@ -287,7 +288,7 @@ def write_gpu_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 def run_sampling_suite(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
     """Samples/s and ms per network call of the sampler at ``--size``, for each compile mode."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device_of(args))
     config = args.config[0] if args.config else "experiments/owt.yaml"
     rows = []
     for mode in modes:

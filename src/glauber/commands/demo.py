@@ -9,18 +9,19 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from data_modules.paths import PROJECT_ROOT
 from glauber.config import load_config
 from glauber.eval.inference import checkpoint_tokenizer, format_samples, generate, infill_template, load_checkpoint
 from glauber.eval.plots import read_metrics
 from glauber.files import check_output_dir
 from glauber.training.train import train
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "shakespeare.yaml"
+DEFAULT_CONFIG = PROJECT_ROOT / "experiments" / "shakespeare.yaml"
 
 
 def shown_path(path: Path) -> Path:
     """``path`` relative to the repository (or the working folder) when inside, so reports name no absolute paths."""
-    for base in (DEFAULT_CONFIG.parents[1], Path.cwd()):
+    for base in (PROJECT_ROOT, Path.cwd()):
         try:
             return path.resolve().relative_to(base.resolve())
         except ValueError:

@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_modules.paths import PROJECT_ROOT
 from glauber.config import batch_layout, load_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE = PROJECT_ROOT / "experiments" / "slurm" / "train.sbatch"
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 
